@@ -1,0 +1,81 @@
+package agent
+
+import (
+	"errors"
+	"net/http"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+type metrics struct {
+	connected     prometheus.Gauge
+	attempts      prometheus.Counter
+	failures      *prometheus.CounterVec
+	requests      *prometheus.CounterVec
+	bytesReceived prometheus.Counter
+	bytesSent     prometheus.Counter
+}
+
+// newMetrics creates the agent's metrics and registers them with reg, if any.
+func newMetrics(reg prometheus.Registerer) (*metrics, error) {
+	bytes := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "agentk_tunnel_bytes_total",
+		Help: "Bytes carried by the tunnel to kas, by direction as seen from the agent.",
+	}, []string{"direction"})
+	m := &metrics{
+		connected: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "agentk_tunnel_connected",
+			Help: "1 while a tunnel to kas is up, else 0.",
+		}),
+		attempts: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "agentk_tunnel_connection_attempts_total",
+			Help: "Attempts to connect to kas.",
+		}),
+		failures: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "agentk_tunnel_connection_failures_total",
+			Help: "Failed attempts to connect to kas, by reason: dial, unauthorized (token rejected), refused (other HTTP status), protocol.",
+		}, []string{"reason"}),
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "agentk_requests_total",
+			Help: "Requests served through the tunnel, by status code (101 for upgrades).",
+		}, []string{"code"}),
+		bytesReceived: bytes.WithLabelValues("received"),
+		bytesSent:     bytes.WithLabelValues("sent"),
+	}
+	for _, reason := range []string{failureDial, failureUnauthorized, failureRefused, failureProtocol} {
+		m.failures.WithLabelValues(reason)
+	}
+	if reg == nil {
+		return m, nil
+	}
+	var errs []error
+	for _, c := range []prometheus.Collector{m.connected, m.attempts, m.failures, m.requests, bytes} {
+		errs = append(errs, reg.Register(c))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return nil, errors.Join(errors.New("register agentk metrics"), err)
+	}
+	return m, nil
+}
+
+// ObservabilityHandler serves /metrics from gatherer, /liveness (200 while
+// the process runs) and /readiness (200 while a tunnel to kas is up, else 503).
+func (a *Agent) ObservabilityHandler(gatherer prometheus.Gatherer) http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", promhttp.HandlerFor(gatherer, promhttp.HandlerOpts{}))
+	mux.HandleFunc("GET /liveness", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		_, _ = w.Write([]byte("ok\n"))
+	})
+	mux.HandleFunc("GET /readiness", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		if !a.IsConnected() {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			_, _ = w.Write([]byte("no tunnel to kas\n"))
+			return
+		}
+		_, _ = w.Write([]byte("ok\n"))
+	})
+	return mux
+}

@@ -1,0 +1,58 @@
+// Package registry records where agents' tunnels are: the Registry interface,
+// the in-memory implementation a single node uses by default, and (for
+// several nodes) the Redis one.
+package registry
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"time"
+)
+
+// Tunnel is one live agent connection held by this node.
+type Tunnel interface {
+	// Info describes the connection.
+	Info() TunnelInfo
+	// RoundTrip sends one request to the agent as one HTTP/2 stream.
+	RoundTrip(*http.Request) (*http.Response, error)
+}
+
+// TunnelInfo is what kas knows about one agent connection; it is what the
+// registry publishes and what GitLab's agent tracker answers.
+type TunnelInfo struct {
+	AgentID           int64     `json:"agent_id"`
+	ProjectID         int64     `json:"project_id"`
+	ConnectionID      int64     `json:"connection_id"`
+	AgentVersion      string    `json:"agent_version,omitempty"`
+	AgentCommit       string    `json:"agent_commit,omitempty"`
+	PodName           string    `json:"pod_name,omitempty"`
+	PodNamespace      string    `json:"pod_namespace,omitempty"`
+	KubernetesVersion string    `json:"kubernetes_version,omitempty"`
+	ConnectedAt       time.Time `json:"connected_at"`
+	// NodeURLs are the private API URLs of the kas node holding the tunnel.
+	NodeURLs []string `json:"node_urls,omitempty"`
+}
+
+// Registry tracks tunnels on this node and, for several nodes, everywhere.
+type Registry interface {
+	// Register records a tunnel this node now holds.
+	Register(ctx context.Context, t Tunnel) error
+	// Unregister forgets it.
+	Unregister(ctx context.Context, t Tunnel) error
+	// FindLocal returns one of this node's tunnels for the agent, spreading
+	// successive calls over the agent's replicas.
+	FindLocal(agentID int64) (Tunnel, bool)
+	// FindRemote returns the private API URLs of other nodes that hold
+	// tunnels for the agent (one entry per node, each with its URLs).
+	FindRemote(ctx context.Context, agentID int64) ([][]string, error)
+	// WaitForAgent returns when a tunnel for the agent registers on any node,
+	// or with ctx's error.
+	WaitForAgent(ctx context.Context, agentID int64) error
+	// Tunnels lists the connections known for the given agents (all agents
+	// when agentIDs is empty), on every node.
+	Tunnels(ctx context.Context, agentIDs ...int64) ([]TunnelInfo, error)
+}
+
+// ErrNoTunnel means no node holds a tunnel for the agent.
+var ErrNoTunnel = errors.New("agent is not connected")

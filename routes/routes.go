@@ -1,0 +1,108 @@
+// Package routes says what kas answers where: one function per listener
+// builds its chi router, so every URL kas serves is listed in this folder.
+package routes
+
+import (
+	"log/slog"
+	"net/http"
+
+	"github.com/go-chi/chi/v5"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/kasproject/kas/middleware"
+	"github.com/kasproject/kas/protocol"
+)
+
+// Common is the middleware every listener shares.
+type Common struct {
+	Logger  *slog.Logger
+	Metrics *middleware.Metrics
+}
+
+func (c Common) use(r chi.Router, listener string) {
+	r.Use(middleware.Correlation, middleware.AccessLog(c.Logger, listener), c.Metrics.Handler(listener), middleware.Recover(c.Logger))
+}
+
+// PublicHandlers are the handlers of the agent-facing listener (:8150).
+type PublicHandlers struct {
+	// Agent is the agents' WebSocket endpoint (server/tunnel).
+	Agent http.Handler
+	// KubernetesProxy is the Kubernetes API proxy (server/k8sproxy); it
+	// expects the Kubernetes API path with the mount prefix stripped.
+	KubernetesProxy http.Handler
+	// AllowedOrigins may use the proxy from a browser (GitLab's UI).
+	AllowedOrigins []string
+}
+
+// Public routes the agent-facing listener:
+//
+//	GET  /-/kubernetes-agent/              agentk's WebSocket (agent token)
+//	ANY  /-/kubernetes-agent/k8s-proxy/*   Kubernetes API proxy (CI job, PAT, _gitlab_kas cookie)
+//	ANY  /k8s-proxy/*                      the same proxy, for a kas behind its own hostname
+func Public(c Common, h PublicHandlers) http.Handler {
+	r := chi.NewRouter()
+	c.use(r, "public")
+	r.Handle(protocol.AgentPath, h.Agent)
+	mountKubernetesProxy(r, "/-/kubernetes-agent/k8s-proxy", h)
+	mountKubernetesProxy(r, "/k8s-proxy", h)
+	return r
+}
+
+// KubernetesAPI routes the optional dedicated proxy listener
+// (agent.kubernetes_api.listen, GitLab's :8154) under its URL path prefix.
+func KubernetesAPI(c Common, h PublicHandlers, prefix string) http.Handler {
+	r := chi.NewRouter()
+	c.use(r, "kubernetes_api")
+	if prefix == "" || prefix == "/" {
+		r.Use(middleware.CORS(h.AllowedOrigins))
+		r.Handle("/*", h.KubernetesProxy)
+		return r
+	}
+	mountKubernetesProxy(r, prefix, h)
+	return r
+}
+
+func mountKubernetesProxy(r chi.Router, prefix string, h PublicHandlers) {
+	r.Route(prefix, func(r chi.Router) {
+		r.Use(middleware.CORS(h.AllowedOrigins))
+		r.Handle("/*", http.StripPrefix(prefix, h.KubernetesProxy))
+	})
+}
+
+// ObservabilityHandlers are the handlers of the observability listener (:8151).
+type ObservabilityHandlers struct {
+	Gatherer prometheus.Gatherer
+	// Ready reports whether kas can serve (listeners up, Redis answering).
+	Ready func() error
+	// Status is the HTML status page and StatusJSON the same data as JSON.
+	Status, StatusJSON http.Handler
+	// MetricsPath, LivenessPath and ReadinessPath are configurable (observability.*.url_path).
+	MetricsPath, LivenessPath, ReadinessPath string
+}
+
+// Observability routes the observability listener:
+//
+//	GET /metrics       Prometheus metrics (observability.prometheus.url_path)
+//	GET /liveness      200 while the process runs (observability.liveness_probe.url_path)
+//	GET /readiness     200 when kas can serve, 503 with the reason otherwise
+//	GET /              status page: this node, its agents, recent errors
+//	GET /debug/status  the status page's data as JSON
+func Observability(c Common, h ObservabilityHandlers) http.Handler {
+	r := chi.NewRouter()
+	c.use(r, "observability")
+	r.Handle(h.MetricsPath, promhttp.HandlerFor(h.Gatherer, promhttp.HandlerOpts{}))
+	r.Get(h.LivenessPath, func(w http.ResponseWriter, _ *http.Request) {
+		_, _ = w.Write([]byte("ok\n"))
+	})
+	r.Get(h.ReadinessPath, func(w http.ResponseWriter, _ *http.Request) {
+		if err := h.Ready(); err != nil {
+			http.Error(w, "not ready: "+err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		_, _ = w.Write([]byte("ok\n"))
+	})
+	r.Handle("/", h.Status)
+	r.Handle("/debug/status", h.StatusJSON)
+	return r
+}

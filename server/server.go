@@ -1,0 +1,331 @@
+// Package server is the kas process: it builds every part from the
+// configuration, opens the listeners, serves, and shuts down gracefully.
+package server
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/kasproject/kas/middleware"
+	"github.com/kasproject/kas/registry"
+	"github.com/kasproject/kas/routes"
+	"github.com/kasproject/kas/server/config"
+	"github.com/kasproject/kas/server/gitlab"
+	"github.com/kasproject/kas/server/k8sproxy"
+	"github.com/kasproject/kas/server/logging"
+	"github.com/kasproject/kas/server/proxyauth"
+	"github.com/kasproject/kas/server/standalone"
+	"github.com/kasproject/kas/server/tunnel"
+	"github.com/kasproject/kas/tlsutil"
+	"github.com/kasproject/kas/web"
+)
+
+// Options are what the process gives the server besides its configuration.
+type Options struct {
+	Logger *slog.Logger
+	// Recent holds the recent warnings and errors for the status page; may be nil.
+	Recent  *logging.Recent
+	Version string
+}
+
+// Server is one kas node.
+type Server struct {
+	cfg       *config.Config
+	opts      Options
+	log       *slog.Logger
+	startedAt time.Time
+
+	metrics  *prometheus.Registry
+	api      gitlab.API
+	closeAPI func() error
+	registry registry.Registry
+	endpoint *tunnel.Endpoint
+
+	listeners []*listener
+	ready     atomic.Bool
+	readyCh   chan struct{}
+}
+
+// listener is one configured socket and the HTTP server on it.
+type listener struct {
+	name    string // the config key, e.g. agent.listen
+	network string
+	address string
+	tls     *tls.Config
+	handler http.Handler
+	srv     *http.Server
+	ln      net.Listener
+}
+
+// New builds a node from cfg without opening any socket.
+func New(cfg *config.Config, opts Options) (*Server, error) {
+	s := &Server{
+		cfg:       cfg,
+		opts:      opts,
+		log:       opts.Logger,
+		startedAt: time.Now().UTC(),
+		metrics:   prometheus.NewRegistry(),
+		readyCh:   make(chan struct{}),
+	}
+	s.metrics.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	httpMetrics, err := middleware.NewMetrics(s.metrics)
+	if err != nil {
+		return nil, err
+	}
+	if err := s.buildAPI(); err != nil {
+		return nil, err
+	}
+	s.registry = registry.NewMemory()
+
+	s.endpoint, err = tunnel.NewEndpoint(tunnel.Options{
+		API:                          s.api,
+		Registry:                     s.registry,
+		Logger:                       s.log,
+		PingInterval:                 cfg.Agent.Listen.PingInterval.D(),
+		PingTimeout:                  cfg.Agent.Listen.PingTimeout.D(),
+		MaxConnectionAge:             cfg.Agent.Listen.MaxConnectionAge.D(),
+		GracePeriod:                  cfg.Agent.Listen.ListenGracePeriod.D(),
+		ConnectionsPerTokenPerMinute: cfg.Agent.Listen.ConnectionsPerTokenPerMinute,
+		Registerer:                   s.metrics,
+	})
+	if err != nil {
+		return nil, err
+	}
+	proxy := k8sproxy.NewHandler(k8sproxy.Options{
+		Auth:             &proxyauth.Authenticator{API: s.api},
+		Router:           k8sproxy.LocalRouter{Registry: s.registry},
+		Logger:           s.log,
+		AgentWaitTimeout: cfg.Agent.KubernetesAPI.AgentWaitTimeout.D(),
+	})
+
+	common := routes.Common{Logger: s.log, Metrics: httpMetrics}
+	public := routes.PublicHandlers{
+		Agent:           s.endpoint,
+		KubernetesProxy: proxy,
+		AllowedOrigins:  cfg.Agent.KubernetesAPI.AllowedOrigins,
+	}
+	statusPage, statusJSON := web.Handlers(s.status)
+	observability := routes.ObservabilityHandlers{
+		Gatherer:      s.metrics,
+		Ready:         s.checkReady,
+		Status:        statusPage,
+		StatusJSON:    statusJSON,
+		MetricsPath:   cfg.Observability.Prometheus.URLPath,
+		LivenessPath:  cfg.Observability.LivenessProbe.URLPath,
+		ReadinessPath: cfg.Observability.ReadinessProbe.URLPath,
+	}
+
+	if err := s.addListener("agent.listen", cfg.Agent.Listen.Listen, routes.Public(common, public)); err != nil {
+		return nil, err
+	}
+	if k := cfg.Agent.KubernetesAPI; k.Listen.Address != "" {
+		if err := s.addListener("agent.kubernetes_api.listen", k.Listen, routes.KubernetesAPI(common, public, k.URLPathPrefix)); err != nil {
+			return nil, err
+		}
+	}
+	if err := s.addListener("observability.listen", cfg.Observability.Listen, routes.Observability(common, observability)); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// buildAPI chooses GitLab or the standalone files.
+func (s *Server) buildAPI() error {
+	if s.cfg.GitLab.Address == "" {
+		b, err := standalone.Open(s.cfg.Standalone.File)
+		if err != nil {
+			return fmt.Errorf("standalone mode (no gitlab.address): %w", err)
+		}
+		if s.cfg.Standalone.File == "" {
+			s.log.Warn("Standalone mode without standalone.file: no agent can connect until you list agents in a standalone file")
+		}
+		s.api = b
+		s.closeAPI = func() error { return nil }
+		return nil
+	}
+	secret, err := config.ReadSecretFile(s.cfg.GitLab.AuthenticationSecretFile)
+	if err != nil {
+		return fmt.Errorf("gitlab.authentication_secret_file: %w", err)
+	}
+	var caFiles []string
+	if s.cfg.GitLab.CACertificateFile != "" {
+		caFiles = append(caFiles, s.cfg.GitLab.CACertificateFile)
+	}
+	tlsConfig, err := tlsutil.ClientConfig(s.cfg.Env.SSLCertDir, caFiles...)
+	if err != nil {
+		return fmt.Errorf("TLS for GitLab: %w", err)
+	}
+	c, err := gitlab.NewClient(gitlab.ClientOptions{
+		BaseURL:              s.cfg.GitLab.Address,
+		Secret:               secret,
+		TLS:                  tlsConfig,
+		Timeout:              s.cfg.GitLab.ClientTimeout.D(),
+		AgentInfoTTL:         s.cfg.Agent.InfoCacheTTL.D(),
+		AgentInfoErrorTTL:    s.cfg.Agent.InfoCacheErrorTTL.D(),
+		AllowedAgentTTL:      s.cfg.Agent.KubernetesAPI.AllowedAgentCacheTTL.D(),
+		AllowedAgentErrorTTL: s.cfg.Agent.KubernetesAPI.AllowedAgentCacheErrorTTL.D(),
+		Logger:               s.log,
+		Version:              s.opts.Version,
+	})
+	if err != nil {
+		return fmt.Errorf("GitLab client for %s: %w", s.cfg.GitLab.Address, err)
+	}
+	s.api = c
+	s.closeAPI = func() error { c.CloseIdleConnections(); return nil }
+	return nil
+}
+
+func (s *Server) addListener(name string, l config.Listen, h http.Handler) error {
+	lst := &listener{name: name, network: l.Network, address: l.Address, handler: h}
+	if l.CertificateFile != "" {
+		cert, err := tls.LoadX509KeyPair(l.CertificateFile, l.KeyFile)
+		if err != nil {
+			return fmt.Errorf("%s: load certificate_file %s and key_file %s: %w", name, l.CertificateFile, l.KeyFile, err)
+		}
+		lst.tls = &tls.Config{
+			MinVersion:   tls.VersionTLS12,
+			Certificates: []tls.Certificate{cert},
+			NextProtos:   []string{"h2", "http/1.1"},
+		}
+	}
+	s.listeners = append(s.listeners, lst)
+	return nil
+}
+
+// Run opens the listeners and serves until ctx ends, then shuts down
+// gracefully: listeners stop accepting, in-flight requests and agent tunnels
+// get agent.listen.listen_grace_period to finish, everything is closed.
+// It returns nil after a clean shutdown.
+func (s *Server) Run(ctx context.Context) error {
+	defer func() { _ = s.closeAPI() }()
+	for _, l := range s.listeners {
+		ln, err := net.Listen(l.network, l.address)
+		if err != nil {
+			s.closeListeners()
+			return fmt.Errorf("%s: listen on %s %s: %w", l.name, l.network, l.address, err)
+		}
+		if l.tls != nil {
+			ln = tls.NewListener(ln, l.tls)
+		}
+		l.ln = ln
+		l.srv = &http.Server{
+			Handler:           l.handler,
+			ReadHeaderTimeout: 10 * time.Second,
+			IdleTimeout:       2 * time.Minute,
+			ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
+			BaseContext:       func(net.Listener) context.Context { return context.WithoutCancel(ctx) },
+		}
+		if l.tls != nil {
+			l.srv.TLSConfig = l.tls
+		}
+	}
+
+	serveErr := make(chan error, len(s.listeners))
+	var serving sync.WaitGroup
+	for _, l := range s.listeners {
+		s.log.Info("Listening", "listener", l.name, "network", l.network, "address", l.ln.Addr().String(), "tls", l.tls != nil)
+		serving.Go(func() {
+			if err := l.srv.Serve(l.ln); !errors.Is(err, http.ErrServerClosed) {
+				serveErr <- fmt.Errorf("%s: serve on %s: %w", l.name, l.ln.Addr(), err)
+			}
+		})
+	}
+	s.ready.Store(true)
+	close(s.readyCh)
+	mode := "standalone"
+	if s.cfg.GitLab.Address != "" {
+		mode = "gitlab " + s.cfg.GitLab.Address
+	}
+	s.log.Info("kas is ready", "version", s.opts.Version, "mode", mode)
+
+	var runErr error
+	select {
+	case <-ctx.Done():
+		s.log.Info("Shutting down", "grace_period", s.cfg.Agent.Listen.ListenGracePeriod.D().String())
+	case runErr = <-serveErr:
+		s.log.Error("Listener failed; shutting down", "error", runErr.Error())
+	}
+	s.shutdown()
+	serving.Wait()
+	return runErr
+}
+
+// shutdown stops every listener and tunnel within the grace period, then
+// closes whatever is left.
+func (s *Server) shutdown() {
+	s.ready.Store(false)
+	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.Agent.Listen.ListenGracePeriod.D())
+	defer cancel()
+	var wg sync.WaitGroup
+	for _, l := range s.listeners {
+		wg.Go(func() {
+			if err := l.srv.Shutdown(ctx); err != nil {
+				s.log.Warn("Requests still running at the end of the grace period were cut", "listener", l.name, "error", err.Error())
+				_ = l.srv.Close()
+			}
+		})
+	}
+	wg.Go(func() {
+		if err := s.endpoint.Shutdown(ctx); err != nil {
+			s.log.Warn("Agent tunnels still busy at the end of the grace period were closed", "error", err.Error())
+		}
+	})
+	wg.Wait()
+	s.log.Info("Shut down")
+}
+
+func (s *Server) closeListeners() {
+	for _, l := range s.listeners {
+		if l.ln != nil {
+			_ = l.ln.Close()
+		}
+	}
+}
+
+// Ready is closed once every listener accepts connections.
+func (s *Server) Ready() <-chan struct{} { return s.readyCh }
+
+// Addr returns the bound address of the named listener (e.g. "agent.listen")
+// once Ready is closed; useful when the configuration asked for port 0.
+func (s *Server) Addr(name string) net.Addr {
+	for _, l := range s.listeners {
+		if l.name == name && l.ln != nil {
+			return l.ln.Addr()
+		}
+	}
+	return nil
+}
+
+func (s *Server) checkReady() error {
+	if !s.ready.Load() {
+		return errors.New("listeners are not serving (starting or shutting down)")
+	}
+	return nil
+}
+
+func (s *Server) status(ctx context.Context) web.Status {
+	st := web.Status{Version: s.opts.Version, StartedAt: s.startedAt, Mode: "standalone"}
+	if s.cfg.GitLab.Address != "" {
+		st.Mode = "gitlab"
+	}
+	agents, err := s.registry.Tunnels(ctx)
+	if err != nil {
+		st.Error = "list agents: " + err.Error()
+	}
+	st.Agents = agents
+	if s.opts.Recent != nil {
+		st.RecentErrors = s.opts.Recent.Entries()
+	}
+	return st
+}
