@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # The project's test command (the README's second quick-start command):
 # formatting, vet, and every test with the race detector. Tests start the
-# servers they need themselves (redis-server, pebble) from PATH; run
-# scripts/install-test-deps.sh once on a fresh machine (CI does).
+# servers they need themselves (redis-server, …) from PATH; when run as root
+# it first installs the missing ones with scripts/install-test-deps.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="/usr/local/go/bin:$PATH"
+
+if [ "$(id -u)" = 0 ]; then
+  scripts/install-test-deps.sh
+fi
 
 unformatted=$(gofmt -l $(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))
 if [ -n "$unformatted" ]; then

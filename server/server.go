@@ -143,15 +143,17 @@ func New(cfg *config.Config, opts Options) (*Server, error) {
 // buildAPI chooses GitLab or the standalone files.
 func (s *Server) buildAPI() error {
 	if s.cfg.GitLab.Address == "" {
+		s.closeAPI = func() error { return nil }
+		if s.cfg.Standalone.File == "" {
+			s.log.Warn("Standalone mode without standalone.file: no agent or user is known, so every agent and proxy request is refused; list them in a standalone file (see testdata/standalone)")
+			s.api = noStandaloneData{}
+			return nil
+		}
 		b, err := standalone.Open(s.cfg.Standalone.File)
 		if err != nil {
 			return fmt.Errorf("standalone mode (no gitlab.address): %w", err)
 		}
-		if s.cfg.Standalone.File == "" {
-			s.log.Warn("Standalone mode without standalone.file: no agent can connect until you list agents in a standalone file")
-		}
 		s.api = b
-		s.closeAPI = func() error { return nil }
 		return nil
 	}
 	secret, err := config.ReadSecretFile(s.cfg.GitLab.AuthenticationSecretFile)
@@ -328,4 +330,25 @@ func (s *Server) status(ctx context.Context) web.Status {
 		st.RecentErrors = s.opts.Recent.Entries()
 	}
 	return st
+}
+
+// noStandaloneData answers for standalone mode without standalone.file:
+// nobody is known, so every credential is refused with the reason.
+type noStandaloneData struct{}
+
+func (noStandaloneData) refuse(op string) error {
+	return &gitlab.Error{Op: op, URL: "standalone mode", StatusCode: http.StatusUnauthorized, Err: gitlab.ErrUnauthorized,
+		Message: "kas runs standalone without standalone.file, so it knows no agents, users or jobs"}
+}
+
+func (n noStandaloneData) GetAgentInfo(context.Context, string) (*gitlab.AgentInfo, error) {
+	return nil, n.refuse("get agent info")
+}
+
+func (n noStandaloneData) AuthorizeProxyUser(context.Context, gitlab.AuthorizeProxyUserRequest) (*gitlab.AuthorizeProxyUserResponse, error) {
+	return nil, n.refuse("authorize proxy user")
+}
+
+func (n noStandaloneData) GetAllowedAgentsForJob(context.Context, string) (*gitlab.AllowedAgentsForJob, error) {
+	return nil, n.refuse("get allowed agents for job")
 }

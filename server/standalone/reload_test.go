@@ -66,7 +66,7 @@ func TestStandaloneFileChangesApply(t *testing.T) {
 	// While the file is invalid, every decision fails with its problems
 	// (not cacheable) instead of using the previous version.
 	w.write(t, "standalone.yaml", strings.Replace(render(t, withFresh), "name: fresh", "name: Fresh", 1))
-	for range 2 { // the second time from the remembered failure
+	for range 2 { // still failing when asked again
 		_, err = b.GetAgentInfo(ctx, tok("agent-prod"))
 		checkErr(t, err, &wantErr{text: `agents[7].name: "Fresh" is not a GitLab agent name`})
 		_, err = b.GetAllowedAgentsForJob(ctx, tok("job-app-prod"))
@@ -76,6 +76,18 @@ func TestStandaloneFileChangesApply(t *testing.T) {
 	w.write(t, "standalone.yaml", render(t, worldFile))
 	_, err = b.GetAgentInfo(ctx, tok("agent-fresh"))
 	checkErr(t, err, &wantErr{status: 401})
+	_, err = b.GetAgentInfo(ctx, tok("agent-prod"))
+	checkErr(t, err, nil)
+
+	// A problem outside the file: fixing it counts without touching the file.
+	withRepo := strings.Replace(worldFile, "  - {id: 301, path: lab/app}\n",
+		"  - {id: 301, path: lab/app}\n  - {id: 302, path: lab/new, repository: repos/lab-new}\n", 1)
+	w.write(t, "standalone.yaml", render(t, withRepo))
+	_, err = b.GetAgentInfo(ctx, tok("agent-prod"))
+	checkErr(t, err, &wantErr{text: "projects[9].repository: stat "})
+	if err := os.Mkdir(filepath.Join(w.dir, "repos/lab-new"), 0o755); err != nil {
+		t.Fatal(err)
+	}
 	_, err = b.GetAgentInfo(ctx, tok("agent-prod"))
 	checkErr(t, err, nil)
 
@@ -93,12 +105,16 @@ func TestConcurrentUse(t *testing.T) {
 	w := newWorld(t)
 	b := w.open(t)
 	const config = "repos/acme-infra/.gitlab/agents/bare/config.yaml"
-	configs := []string{"", "user_access:\n  access_as: {agent: {}}\n  projects: [{id: acme/app}]\n"}
+	configs := []string{"# empty: no user_access\n", "user_access:\n  access_as: {agent: {}}\n  projects: [{id: acme/app}]\n"}
 	files := []string{render(t, worldFile), render(t, strings.Replace(worldFile, "acme/app: developer", "acme/app: maintainer", 1))}
 
 	replace := func(name, content string) {
 		p := filepath.Join(w.dir, name)
 		tmp := p + ".tmp"
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			t.Error(err)
+			return
+		}
 		if err := os.WriteFile(tmp, []byte(content), 0o644); err != nil {
 			t.Error(err)
 			return

@@ -86,7 +86,9 @@
 // role up to the user's (["guest","planner","reporter","developer"] for a
 // developer), as GitLab's API lists them. Where Rails answers 400 for a
 // personal access token it does not know ("Unable to get user from request
-// data"), standalone answers 401: to kas both mean a bad credential.
+// data"), standalone answers 401: to kas both mean a bad credential. Rails
+// accepts any masked form of the session's CSRF token; standalone compares
+// the token itself with its stored hash.
 //
 // GetAllowedAgentsForJob finds the job by its token (401) and lists the agents
 // it may use, in GitLab's order and with GitLab's precedence: an entry for the
@@ -135,10 +137,6 @@ type Backend struct {
 
 	mu      sync.Mutex
 	current *state
-	// failedInfo and failedErr remember the last reload that failed, so an
-	// invalid file is reported without being parsed again on every call.
-	failedInfo os.FileInfo
-	failedErr  error
 }
 
 var _ gitlab.API = (*Backend)(nil)
@@ -164,6 +162,9 @@ func Open(path string) (*Backend, error) {
 }
 
 // snapshot returns the current data, reloading the file first if it changed.
+// A changed file that is invalid is loaded again on every call until it is
+// fixed: a small file, and its problems may lie outside it (a repository
+// directory not created yet).
 func (b *Backend) snapshot() (*state, error) {
 	info, err := os.Stat(b.abs)
 	if err != nil {
@@ -174,15 +175,11 @@ func (b *Backend) snapshot() (*state, error) {
 	if sameVersion(b.current.info, info) {
 		return b.current, nil
 	}
-	if b.failedInfo != nil && sameVersion(b.failedInfo, info) {
-		return nil, b.failedErr
-	}
 	st, err := load(b.file, b.abs)
 	if err != nil {
-		b.failedInfo, b.failedErr = info, fmt.Errorf("reload changed file: %w", err)
-		return nil, b.failedErr
+		return nil, fmt.Errorf("reload changed file: %w", err)
 	}
-	b.current, b.failedInfo, b.failedErr = st, nil, nil
+	b.current = st
 	return st, nil
 }
 
@@ -209,8 +206,8 @@ func (b *Backend) refuse(op string, status int, message string) error {
 
 // fail returns a failure to decide (unreadable or invalid files, a cancelled
 // context): not a refusal, so not cacheable, and fixed files are read again.
-func (b *Backend) fail(op, fileURL string, err error) error {
-	return &gitlab.Error{Op: op, URL: fileURL, Message: err.Error(), Err: err}
+func (b *Backend) fail(op, u string, err error) error {
+	return &gitlab.Error{Op: op, URL: u, Message: err.Error(), Err: err}
 }
 
 func fileURL(abs string) string {
