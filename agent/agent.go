@@ -75,11 +75,13 @@ type Agent struct {
 	maxBackoff    time.Duration
 	shutdownGrace time.Duration
 
-	apiServer        *url.URL          // the API server's base URL, path prefix included
-	apiTransport     http.RoundTripper // the agent's credentials, HTTP/2 allowed
-	upgradeTransport http.RoundTripper // the agent's credentials, HTTP/1.1 only (SPDY cannot run over h2)
-	proxy            *httputil.ReverseProxy
-	buffers          *bufferPool
+	apiServer        *url.URL               // the API server's base URL, path prefix included
+	apiTransport     http.RoundTripper      // the agent's credentials, HTTP/2 allowed
+	upgradeTransport http.RoundTripper      // the agent's credentials, HTTP/1.1 only (SPDY cannot run over h2)
+	bulkProxy        *httputil.ReverseProxy // responses that end: lists, gets, downloads
+	streamProxy      *httputil.ReverseProxy // open-ended responses: watches, logs -f
+	bulkBuffers      *bufferPool
+	streamBuffers    *bufferPool
 	handlersRunning  handlerTracker
 
 	mu        sync.Mutex
@@ -117,7 +119,8 @@ func New(opts Options) (*Agent, error) {
 		minBackoff:    orDefault(opts.MinBackoff, DefaultMinBackoff),
 		maxBackoff:    orDefault(opts.MaxBackoff, DefaultMaxBackoff),
 		shutdownGrace: orDefault(opts.ShutdownGrace, DefaultShutdownGrace),
-		buffers:       newBufferPool(copyBufferSize),
+		bulkBuffers:   newBufferPool(bulkBufferSize),
+		streamBuffers: newBufferPool(streamBufferSize),
 		connected:     make(chan struct{}),
 	}
 	if a.logger == nil {

@@ -58,7 +58,7 @@ type kasSession struct {
 	conn net.Conn
 }
 
-func newKAS(t *testing.T, configure func(*kasStandIn)) *kasStandIn {
+func newKAS(t testing.TB, configure func(*kasStandIn)) *kasStandIn {
 	t.Helper()
 	k := &kasStandIn{attempts: make(chan handshake, 1000), sessions: make(chan *kasSession, 100)}
 	if configure != nil {
@@ -117,7 +117,7 @@ func (s *kasSession) close() {
 
 // roundTrip sends req through the tunnel; req's URL path is what the agent
 // sees.
-func (s *kasSession) roundTrip(t *testing.T, req *http.Request) *http.Response {
+func (s *kasSession) roundTrip(t testing.TB, req *http.Request) *http.Response {
 	t.Helper()
 	resp, err := s.cc.RoundTrip(req)
 	if err != nil {
@@ -127,7 +127,7 @@ func (s *kasSession) roundTrip(t *testing.T, req *http.Request) *http.Response {
 	return resp
 }
 
-func newRequest(t *testing.T, method, path string, body io.Reader, header http.Header) *http.Request {
+func newRequest(t testing.TB, method, path string, body io.Reader, header http.Header) *http.Request {
 	t.Helper()
 	req, err := http.NewRequest(method, "http://agentk"+path, body)
 	if err != nil {
@@ -155,7 +155,7 @@ type fakeAPIServer struct {
 	requests atomic.Int64
 }
 
-func newAPIServer(t *testing.T, routes map[string]http.HandlerFunc) *fakeAPIServer {
+func newAPIServer(t testing.TB, routes map[string]http.HandlerFunc) *fakeAPIServer {
 	t.Helper()
 	f := &fakeAPIServer{}
 	f.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -213,7 +213,7 @@ type runningAgent struct {
 }
 
 // startAgent runs an agent against kasURL and api until the test ends.
-func startAgent(t *testing.T, kasURL string, api *fakeAPIServer, configure func(*Options)) *runningAgent {
+func startAgent(t testing.TB, kasURL string, api *fakeAPIServer, configure func(*Options)) *runningAgent {
 	t.Helper()
 	logs := &syncBuffer{}
 	reg := prometheus.NewRegistry()
@@ -259,7 +259,7 @@ func startAgent(t *testing.T, kasURL string, api *fakeAPIServer, configure func(
 }
 
 // stop cancels Run and returns its result.
-func (ra *runningAgent) stop(t *testing.T) error {
+func (ra *runningAgent) stop(t testing.TB) error {
 	t.Helper()
 	ra.cancel()
 	recv(t, ra.done)
@@ -267,7 +267,7 @@ func (ra *runningAgent) stop(t *testing.T) error {
 }
 
 // recv waits for a value on ch, failing the test after testTimeout.
-func recv[T any](t *testing.T, ch <-chan T) T {
+func recv[T any](t testing.TB, ch <-chan T) T {
 	t.Helper()
 	select {
 	case v := <-ch:
@@ -279,7 +279,7 @@ func recv[T any](t *testing.T, ch <-chan T) T {
 }
 
 // connect starts an agent and returns it with its first tunnel.
-func connect(t *testing.T, api *fakeAPIServer, configure func(*Options)) (*runningAgent, *kasSession) {
+func connect(t testing.TB, api *fakeAPIServer, configure func(*Options)) (*runningAgent, *kasSession) {
 	t.Helper()
 	k := newKAS(t, nil)
 	a := startAgent(t, k.URL, api, configure)
@@ -288,7 +288,7 @@ func connect(t *testing.T, api *fakeAPIServer, configure func(*Options)) (*runni
 	return a, s
 }
 
-func decodeJSON[T any](t *testing.T, r io.Reader) T {
+func decodeJSON[T any](t testing.TB, r io.Reader) T {
 	t.Helper()
 	var v T
 	if err := json.NewDecoder(r).Decode(&v); err != nil {

@@ -49,18 +49,50 @@ func (a *Agent) setUpAPIServer(cfg *rest.Config) error {
 		return fmt.Errorf("Kubernetes API server address %q: %w", cfg.Host, err)
 	}
 	a.apiServer = u
-	if a.apiTransport, err = rest.TransportFor(cfg); err != nil {
-		return fmt.Errorf("build the Kubernetes API client: %w", err)
-	}
 	// Upgrades need HTTP/1.1: SPDY cannot run over HTTP/2, and an HTTP/2
 	// connection cannot be switched to another protocol.
 	h1 := rest.CopyConfig(cfg)
 	h1.NextProtos = []string{"http/1.1"}
+	shared, err := usesDefaultTransport(cfg)
+	if err != nil {
+		return fmt.Errorf("TLS settings for the Kubernetes API server: %w", err)
+	}
+	if shared {
+		cfg.Transport = newPlainAPITransport()
+	}
+	if a.apiTransport, err = rest.TransportFor(cfg); err != nil {
+		return fmt.Errorf("build the Kubernetes API client: %w", err)
+	}
 	if a.upgradeTransport, err = rest.TransportFor(h1); err != nil {
 		return fmt.Errorf("build the Kubernetes API client for upgrades: %w", err)
 	}
-	a.proxy = newReverseProxy(a)
+	a.bulkProxy = newReverseProxy(a, a.bulkBuffers)
+	a.streamProxy = newReverseProxy(a, a.streamBuffers)
 	return nil
+}
+
+// usesDefaultTransport reports whether client-go would send cfg's requests
+// through the process-wide http.DefaultTransport: a configuration with no TLS
+// settings, dialer or proxy of its own (an http:// API server, or https://
+// trusted through the system roots).
+func usesDefaultTransport(cfg *rest.Config) (bool, error) {
+	if cfg.Transport != nil || cfg.Dial != nil || cfg.Proxy != nil {
+		return false, nil
+	}
+	tlsConfig, err := rest.TLSConfigFor(cfg)
+	return tlsConfig == nil, err
+}
+
+// newPlainAPITransport replaces http.DefaultTransport for the API server.
+// The default keeps two idle connections per host: with more requests in
+// flight over HTTP/1.1, every answer closes a connection and the next request
+// dials a new one. This one keeps as many as the tunnel has streams.
+func newPlainAPITransport() *http.Transport {
+	t := http.DefaultTransport.(*http.Transport).Clone()
+	t.MaxIdleConns = maxConcurrentStreams
+	t.MaxIdleConnsPerHost = maxConcurrentStreams
+	t.DisableCompression = true // as client-go would for cfg.DisableCompression
+	return t
 }
 
 // kubernetesVersionTimeout bounds the start-up query; the version only

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"errors"
+	"fmt"
 	"net/http"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -54,7 +55,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		errs = append(errs, reg.Register(c))
 	}
 	if err := errors.Join(errs...); err != nil {
-		return nil, errors.Join(errors.New("register agentk metrics"), err)
+		return nil, fmt.Errorf("register agentk metrics: %w", err)
 	}
 	return m, nil
 }

@@ -272,6 +272,8 @@ func TestInternalEndpoints(t *testing.T) {
 		body       string
 		wantStatus int
 		wantConfig string // Configuration() afterwards
+		notFromKAS bool   // sent without protocol.HeaderInternal, as a proxied caller's request would be
+		wantAPI    int64  // requests that reach the API server
 	}{
 		{name: "push", method: http.MethodPost, path: protocol.ConfigurationPath, body: config, wantStatus: http.StatusNoContent, wantConfig: config},
 		{name: "same again", method: http.MethodPost, path: protocol.ConfigurationPath, body: config, wantStatus: http.StatusNoContent, wantConfig: config},
@@ -279,12 +281,17 @@ func TestInternalEndpoints(t *testing.T) {
 		{name: "too large", method: http.MethodPost, path: protocol.ConfigurationPath, body: "a: " + strings.Repeat("x", maxConfigurationSize), wantStatus: http.StatusRequestEntityTooLarge, wantConfig: config},
 		{name: "GET", method: http.MethodGet, path: protocol.ConfigurationPath, wantStatus: http.StatusMethodNotAllowed, wantConfig: config},
 		{name: "unknown internal path", method: http.MethodGet, path: protocol.InternalPathPrefix + "nope", wantStatus: http.StatusNotFound, wantConfig: config},
+		{name: "a caller's request is not internal", method: http.MethodPost, path: protocol.ConfigurationPath, body: "a: 1", notFromKAS: true, wantStatus: http.StatusOK, wantConfig: config, wantAPI: 1},
 		{name: "empty configuration", method: http.MethodPost, path: protocol.ConfigurationPath, body: "", wantStatus: http.StatusNoContent, wantConfig: ""},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			before := api.requests.Load()
-			resp := kas.roundTrip(t, newRequest(t, tt.method, tt.path, strings.NewReader(tt.body), nil))
+			header := http.Header{protocol.HeaderInternal: {"1"}}
+			if tt.notFromKAS {
+				header = nil
+			}
+			resp := kas.roundTrip(t, newRequest(t, tt.method, tt.path, strings.NewReader(tt.body), header))
 			if resp.StatusCode != tt.wantStatus {
 				body, _ := io.ReadAll(resp.Body)
 				t.Fatalf("status %d (%s), want %d", resp.StatusCode, body, tt.wantStatus)
@@ -292,8 +299,8 @@ func TestInternalEndpoints(t *testing.T) {
 			if got := string(a.Configuration()); got != tt.wantConfig {
 				t.Errorf("Configuration() = %q, want %q", got, tt.wantConfig)
 			}
-			if n := api.requests.Load() - before; n != 0 {
-				t.Errorf("%d internal requests reached the API server", n)
+			if n := api.requests.Load() - before; n != tt.wantAPI {
+				t.Errorf("%d requests reached the API server, want %d", n, tt.wantAPI)
 			}
 		})
 	}
@@ -316,6 +323,28 @@ func TestRequestsCountedByCode(t *testing.T) {
 	for _, want := range []string{`agentk_requests_total{code="200"} 2`, `agentk_requests_total{code="404"} 1`, "agentk_tunnel_connected 1"} {
 		if !strings.Contains(metrics, want) {
 			t.Errorf("metrics lack %q:\n%s", want, metrics)
+		}
+	}
+}
+
+func TestOpenEndedRequestsUseSmallBuffers(t *testing.T) {
+	tests := []struct {
+		target string
+		want   bool
+	}{
+		{"/api/v1/namespaces/default/pods?watch=true", true},
+		{"/api/v1/namespaces/default/pods?watch=1&resourceVersion=5", true},
+		{"/api/v1/watch/namespaces/default/pods", true},
+		{"/apis/apps/v1/watch/deployments", true},
+		{"/api/v1/namespaces/default/pods/web/log?follow=true", true},
+		{"/api/v1/namespaces/default/pods?watch=false", false},
+		{"/api/v1/namespaces/default/pods/web/log", false},
+		{"/api/v1/pods?limit=500", false},
+	}
+	for _, tt := range tests {
+		r := newRequest(t, http.MethodGet, tt.target, nil, nil)
+		if got := openEnded(r); got != tt.want {
+			t.Errorf("openEnded(%s) = %v, want %v", tt.target, got, tt.want)
 		}
 	}
 }

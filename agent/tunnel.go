@@ -78,7 +78,7 @@ func (a *Agent) serveTunnel(ctx context.Context, ws *websocket.Conn) error {
 	case <-ctx.Done():
 	}
 
-	a.logger.Info("shutting down: sent GOAWAY, waiting for in-flight requests", "grace", a.shutdownGrace.String())
+	a.logger.Info("shutting down: sending GOAWAY and waiting for in-flight requests", "grace", a.shutdownGrace.String())
 	// Shutdown returns at once: the tunnel is no listener of hs, it only
 	// triggers the GOAWAY hook ConfigureServer installed.
 	_ = hs.Shutdown(baseCtx)

@@ -68,8 +68,8 @@ func (a *Agent) splice(ctx context.Context, w http.ResponseWriter, fromKAS io.Re
 	uploaded := make(chan struct{})
 	go func() {
 		defer close(uploaded)
-		buf := a.buffers.Get()
-		defer a.buffers.Put(buf)
+		buf := a.streamBuffers.Get()
+		defer a.streamBuffers.Put(buf)
 		_, _ = io.CopyBuffer(upstream, fromKAS, buf)
 		_ = upstream.Close()
 	}()
@@ -84,8 +84,8 @@ func (a *Agent) splice(ctx context.Context, w http.ResponseWriter, fromKAS io.Re
 // and streaming bytes go out at once.
 func (a *Agent) copyFlushing(w http.ResponseWriter, src io.Reader) error {
 	rc := http.NewResponseController(w)
-	buf := a.buffers.Get()
-	defer a.buffers.Put(buf)
+	buf := a.streamBuffers.Get()
+	defer a.streamBuffers.Put(buf)
 	for {
 		n, err := src.Read(buf)
 		if n > 0 {

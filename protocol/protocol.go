@@ -3,8 +3,9 @@
 // run over a WebSocket, and the headers kas puts on tunnelled requests.
 //
 // Over the tunnel kas is the HTTP/2 client and agentk the HTTP/2 server.
-// Every request kas sends is one stream. Paths under InternalPathPrefix are
-// addressed to agentk itself; every other path is a Kubernetes API path.
+// Every request kas sends is one stream. Requests marked with HeaderInternal
+// under InternalPathPrefix are addressed to agentk itself; every other path is
+// a Kubernetes API path.
 package protocol
 
 // Handshake: agentk dials AgentPath with these.
@@ -29,7 +30,8 @@ const (
 	HeaderIdentity = "Kas-Impersonate"
 	// HeaderUpgrade carries the caller's Upgrade header (websocket, SPDY/3.1):
 	// HTTP/2 cannot carry Connection/Upgrade, so kas moves it here and agentk
-	// performs the HTTP/1.1 upgrade against the API server.
+	// performs the HTTP/1.1 upgrade against the API server. On an upgraded
+	// response agentk sets it to the API server's Upgrade value.
 	HeaderUpgrade = "Kas-Upgrade"
 	// HeaderUpgradeStatus is set by agentk on a 200 response to say the API
 	// server switched protocols (its value is "101"); the stream's bodies then
@@ -37,8 +39,12 @@ const (
 	HeaderUpgradeStatus = "Kas-Upgrade-Status"
 
 	// InternalPathPrefix is reserved for requests to agentk itself; no
-	// Kubernetes API path starts with it.
+	// Kubernetes API path starts with it. agentk serves such a path itself
+	// only when HeaderInternal is also set, which kas never forwards from a
+	// caller (the proxy removes every Kas-* header and refuses these paths).
 	InternalPathPrefix = "/-/agentk/"
+	// HeaderInternal ("1") marks a request kas itself sends to agentk.
+	HeaderInternal = "Kas-Internal"
 	// ConfigurationPath receives configuration pushes (POST, YAML body).
 	ConfigurationPath = InternalPathPrefix + "configuration"
 )

@@ -30,9 +30,13 @@ type Server struct {
 	mu       sync.Mutex
 	requests []Request
 	watchers map[chan Event]struct{}
-	// cancelled receives the path of every streaming request whose client
-	// went away, so tests can see cancellation reach the cluster.
+	// cancelled receives the path of every streaming or waiting request
+	// whose client went away, so tests can see cancellation reach the cluster.
 	cancelled chan string
+	// release is closed by Release to let the /slow requests waiting on it
+	// answer; slow counts them.
+	release chan struct{}
+	slow    int
 }
 
 // Event is a watch event: Type ADDED, MODIFIED or DELETED, on a namespace.
@@ -43,7 +47,7 @@ type Event struct {
 
 // New returns an empty fake API server handler.
 func New() *Server {
-	return &Server{watchers: map[chan Event]struct{}{}, cancelled: make(chan string, 100)}
+	return &Server{watchers: map[chan Event]struct{}{}, cancelled: make(chan string, 100), release: make(chan struct{})}
 }
 
 // Requests returns what reached the server, oldest first.
@@ -65,7 +69,8 @@ func (s *Server) LastRequest(prefix string) (Request, bool) {
 	return Request{}, false
 }
 
-// Cancelled receives the path of streaming requests the client abandoned.
+// Cancelled receives the path of streaming and /slow requests the client
+// abandoned.
 func (s *Server) Cancelled() <-chan string { return s.cancelled }
 
 // Watchers returns how many watches are open.
@@ -73,6 +78,22 @@ func (s *Server) Watchers() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return len(s.watchers)
+}
+
+// Slow returns how many /slow requests are waiting for Release.
+func (s *Server) Slow() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.slow
+}
+
+// Release lets every /slow request waiting now answer; later ones wait for
+// the next Release.
+func (s *Server) Release() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	close(s.release)
+	s.release = make(chan struct{})
 }
 
 // Emit sends an event to every open watch.
@@ -98,9 +119,10 @@ func (s *Server) record(r *http.Request) {
 //	GET  /version                         a version.Info
 //	GET  /api/v1/namespaces               a NamespaceList (watch=true: a watch stream fed by Emit)
 //	GET  /api/v1/namespaces/{ns}/pods/{p}/log?follow=true   lines every 10ms until the client leaves
-//	GET  /bytes?size=N                    N bytes of data, streamed
+//	GET  /bytes?size=N                    N bytes of data, streamed (chunked=true: without Content-Length)
 //	POST /bytes                           counts the request body, answers {"bytes": N}
 //	GET  /echo                            the request as JSON (method, path, headers)
+//	GET  /slow                            waits until Release, then answers {"released": true}
 //	*    with Connection: Upgrade         101, then echoes bytes back (an exec-style stream)
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	s.record(r)
@@ -127,7 +149,9 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		w.Header().Set("Content-Type", "application/octet-stream")
-		w.Header().Set("Content-Length", strconv.FormatInt(size, 10))
+		if r.URL.Query().Get("chunked") != "true" {
+			w.Header().Set("Content-Length", strconv.FormatInt(size, 10))
+		}
 		_, _ = io.CopyN(w, zeroReader{}, size)
 	case r.URL.Path == "/bytes" && (r.Method == http.MethodPost || r.Method == http.MethodPut):
 		n, err := io.Copy(io.Discard, r.Body)
@@ -138,6 +162,8 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, map[string]int64{"bytes": n})
 	case r.URL.Path == "/echo":
 		writeJSON(w, map[string]any{"method": r.Method, "path": r.URL.Path, "query": r.URL.RawQuery, "headers": r.Header})
+	case r.URL.Path == "/slow":
+		s.waitForRelease(w, r)
 	default:
 		w.Header().Set("Content-Type", "application/json")
 		w.WriteHeader(http.StatusNotFound)
@@ -194,6 +220,26 @@ func (s *Server) logs(w http.ResponseWriter, r *http.Request) {
 			s.cancelled <- r.URL.Path
 			return
 		}
+	}
+}
+
+// waitForRelease holds a /slow request until Release, standing for an API
+// call that takes long (a big list, an admission webhook).
+func (s *Server) waitForRelease(w http.ResponseWriter, r *http.Request) {
+	s.mu.Lock()
+	release := s.release
+	s.slow++
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		s.slow--
+		s.mu.Unlock()
+	}()
+	select {
+	case <-release:
+		writeJSON(w, map[string]bool{"released": true})
+	case <-r.Context().Done():
+		s.cancelled <- r.URL.Path
 	}
 }
 

@@ -10,6 +10,8 @@ import (
 	"log/slog"
 	"net/http"
 	"net/http/httputil"
+	"path"
+	"strings"
 	"time"
 
 	"golang.org/x/net/http/httpguts"
@@ -78,6 +80,11 @@ func NewHandler(opts Options) *Handler {
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	ctx := r.Context()
 	log := h.opts.Logger.With("correlation_id", correlation.FromContext(ctx))
+	if strings.HasPrefix(path.Clean(r.URL.Path)+"/", protocol.InternalPathPrefix) {
+		// agentk's own endpoints are for kas alone, never for proxy callers.
+		kubestatus.Write(w, http.StatusNotFound, kubestatus.ReasonNotFound, "the server could not find the requested resource")
+		return
+	}
 	res, err := h.opts.Auth.Authenticate(ctx, r)
 	if err != nil {
 		var ae *proxyauth.Error

@@ -1,0 +1,330 @@
+// Command kasbench measures what kas's tunnel costs. It starts everything on
+// loopback, each part as its own process (kasbench re-executes itself with a
+// role argument), and compares three paths to the same upstream HTTP server:
+//
+//	direct  client → upstream
+//	chain   client → hop 1 → hop 2 → upstream (two plain httputil.ReverseProxy
+//	        processes: the same number of process hops, no tunnel)
+//	tunnel  client → kas (Kubernetes API proxy, PAT authentication, access as
+//	        the agent) → agentk (over the WebSocket + HTTP/2 tunnel) → upstream
+//
+// From one run it prints small-GET throughput and latency at several
+// concurrencies, bulk throughput each way, kas's memory per idle connected
+// agent and while streaming, the tunnel/chain and tunnel/direct ratios, and
+// whether each of the performance targets is met:
+//
+//	go run ./cmd/kasbench                   # table on stdout
+//	go run ./cmd/kasbench -json out.json    # and machine-readable results
+//	go run ./cmd/kasbench -duration 2s -tests small -paths chain,tunnel
+//	go run ./cmd/kasbench -profile /tmp/prof   # CPU profiles of every process
+//
+// The load generator is a Go HTTP/1.1 client in this process, or wrk
+// (-loadgen wrk, one thread) when it is installed.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+func main() {
+	if len(os.Args) > 1 {
+		if r, ok := roles[os.Args[1]]; ok {
+			os.Exit(runRole(r, os.Args[2:]))
+		}
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	os.Exit(run(ctx, os.Args[1:], os.Stdout, os.Stderr))
+}
+
+// settings are the benchmark's flags.
+type settings struct {
+	Duration    time.Duration `json:"duration_per_point"`
+	Concurrency []int         `json:"concurrency"`
+	StreamBytes int64         `json:"stream_bytes"`
+	IdleAgents  int           `json:"idle_agents"`
+	Paths       []string      `json:"paths"`
+	Tests       []string      `json:"tests"`
+	LoadGen     string        `json:"load_generator"`
+	KASLogLevel string        `json:"kas_log_level"`
+}
+
+// bench is one run: its working directory, credentials and processes.
+type bench struct {
+	settings
+	dir        string
+	profileDir string
+	creds      *credentials
+	children   []*child
+}
+
+func (b *bench) path(name string) string { return filepath.Join(b.dir, name) }
+
+var (
+	allPaths = []string{pathDirect, pathChain, pathTunnel}
+	allTests = []string{testSmall, testStream, testMemory}
+)
+
+const (
+	pathDirect = "direct"
+	pathChain  = "chain"
+	pathTunnel = "tunnel"
+
+	testSmall  = "small"
+	testStream = "stream"
+	testMemory = "memory"
+)
+
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("kasbench", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		fmt.Fprintln(stderr, "Usage: kasbench [flags]\n\nMeasures kas's tunnel against two plain reverse proxy hops and the upstream directly.\n\nFlags:")
+		fs.PrintDefaults()
+	}
+	var (
+		s           settings
+		concurrency = fs.String("concurrency", "1,16,64", "comma-separated `list` of concurrent clients for small GETs")
+		streamMiB   = fs.Int64("stream-mib", 256, "size of each streamed body in `MiB`")
+		paths       = fs.String("paths", strings.Join(allPaths, ","), "comma-separated `list` of paths to measure: direct, chain, tunnel")
+		tests       = fs.String("tests", strings.Join(allTests, ","), "comma-separated `list` of measurements: small, stream, memory")
+		jsonFile    = fs.String("json", "", "also write the results as JSON to `file` (- for stdout, the table then goes to stderr)")
+		profileDir  = fs.String("profile", "", "write CPU and allocation profiles of every process to `dir` (for go tool pprof)")
+		keep        = fs.Bool("keep", false, "keep the working directory (configuration, logs) instead of removing it")
+	)
+	fs.DurationVar(&s.Duration, "duration", 5*time.Second, "measuring time per data point")
+	fs.IntVar(&s.IdleAgents, "agents", 1000, "idle agents connected for the memory measurement")
+	fs.StringVar(&s.LoadGen, "loadgen", "go", "load generator for small GETs: go (built in) or wrk (one thread; must be installed)")
+	fs.StringVar(&s.KASLogLevel, "kas-log-level", "info", "kas's observability.logging.level (info, kas's default, writes an access log line per request)")
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
+		return 2
+	}
+	var errs []error
+	var err error
+	if s.Concurrency, err = parseConcurrency(*concurrency); err != nil {
+		errs = append(errs, err)
+	}
+	if s.Paths, err = parseList("-paths", *paths, allPaths); err != nil {
+		errs = append(errs, err)
+	}
+	if s.Tests, err = parseList("-tests", *tests, allTests); err != nil {
+		errs = append(errs, err)
+	}
+	if s.Duration <= 0 {
+		errs = append(errs, errors.New("-duration must be positive"))
+	}
+	if *streamMiB <= 0 {
+		errs = append(errs, errors.New("-stream-mib must be positive"))
+	}
+	s.StreamBytes = *streamMiB << 20
+	if s.IdleAgents <= 0 && slices.Contains(s.Tests, testMemory) {
+		errs = append(errs, errors.New("-agents must be positive to measure memory"))
+	}
+	switch s.LoadGen {
+	case "go":
+	case "wrk":
+		if _, err := exec.LookPath("wrk"); err != nil {
+			errs = append(errs, errors.New("-loadgen wrk: wrk is not installed (apt-get install wrk), or use -loadgen go"))
+		}
+	default:
+		errs = append(errs, fmt.Errorf("-loadgen %q: want go or wrk", s.LoadGen))
+	}
+	if len(fs.Args()) > 0 {
+		errs = append(errs, fmt.Errorf("unexpected arguments %q", fs.Args()))
+	}
+	if err := errors.Join(errs...); err != nil {
+		fmt.Fprintln(stderr, "kasbench:", err)
+		return 2
+	}
+
+	table := stdout
+	if *jsonFile == "-" {
+		table = stderr
+	}
+	res, err := runBench(ctx, s, *profileDir, *keep, stderr)
+	if res != nil {
+		res.evaluate()
+		res.printTable(table)
+		if *jsonFile != "" {
+			if werr := res.writeJSON(*jsonFile, stdout); werr != nil {
+				err = errors.Join(err, werr)
+			}
+		}
+	}
+	if err != nil {
+		fmt.Fprintln(stderr, "kasbench:", err)
+		return 1
+	}
+	return 0
+}
+
+func parseConcurrency(v string) ([]int, error) {
+	var out []int
+	for f := range strings.SplitSeq(v, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil || n < 1 || n > maxConcurrency {
+			return nil, fmt.Errorf("-concurrency: %q is not a number from 1 to %d", f, maxConcurrency)
+		}
+		out = append(out, n)
+	}
+	return out, nil
+}
+
+func parseList(flagName, v string, known []string) ([]string, error) {
+	var out []string
+	for f := range strings.SplitSeq(v, ",") {
+		f = strings.TrimSpace(f)
+		if !slices.Contains(known, f) {
+			return nil, fmt.Errorf("%s: unknown %q, want some of %s", flagName, f, strings.Join(known, ","))
+		}
+		out = append(out, f)
+	}
+	return out, nil
+}
+
+// runBench starts the processes and measures. It returns what it measured
+// even when a later measurement fails.
+func runBench(ctx context.Context, s settings, profileDir string, keep bool, progress io.Writer) (res *results, err error) {
+	b := &bench{settings: s, profileDir: profileDir}
+	if b.dir, err = os.MkdirTemp("", "kasbench-"); err != nil {
+		return nil, err
+	}
+	if keep {
+		fmt.Fprintln(progress, "kasbench: working directory", b.dir)
+	} else {
+		defer os.RemoveAll(b.dir)
+	}
+	if profileDir != "" {
+		if err := os.MkdirAll(profileDir, 0o755); err != nil {
+			return nil, err
+		}
+	}
+	defer func() {
+		// Stop in reverse order of start: agents before kas before upstream.
+		for _, c := range slices.Backward(b.children) {
+			if serr := c.stop(); serr != nil && err == nil {
+				err = serr
+			}
+		}
+	}()
+	if b.creds, err = writeSetup(b.dir, s.IdleAgents, s.KASLogLevel); err != nil {
+		return nil, err
+	}
+	res = &results{Settings: s, CPUs: runtime.NumCPU(), GoVersion: runtime.Version()}
+	step := func(format string, a ...any) { fmt.Fprintf(progress, "kasbench: "+format+"\n", a...) }
+
+	step("starting upstream, hops, kas and agentk")
+	upstream, err := startChild(b, "upstream", roleUpstream)
+	if err != nil {
+		return res, err
+	}
+	upstreamURL := "http://" + upstream.ready.Addr
+	targets := map[string]target{pathDirect: {path: pathDirect, base: upstreamURL}}
+	var kas *child
+	if slices.Contains(s.Paths, pathChain) {
+		hop2, err := startChild(b, "hop2", roleHop, "-target", upstreamURL)
+		if err != nil {
+			return res, err
+		}
+		hop1, err := startChild(b, "hop1", roleHop, "-target", "http://"+hop2.ready.Addr)
+		if err != nil {
+			return res, err
+		}
+		targets[pathChain] = target{path: pathChain, base: "http://" + hop1.ready.Addr}
+	}
+	if slices.Contains(s.Paths, pathTunnel) {
+		if kas, err = startChild(b, "kas", roleKAS, "-config", b.creds.kasConfig, "-log", b.path("kas.log")); err != nil {
+			return res, err
+		}
+		if _, err := startChild(b, "agentk", roleAgents, "-kas", "ws://"+kas.ready.Addr, "-tokens", b.creds.tokensFile,
+			"-api", upstreamURL, "-log", b.path("agentk.log")); err != nil {
+			return res, err
+		}
+		if err := waitForTunnels(ctx, "http://"+kas.ready.Observability+"/metrics", 1); err != nil {
+			return res, err
+		}
+		targets[pathTunnel] = target{path: pathTunnel, base: "http://" + kas.ready.Addr + "/k8s-proxy"}
+	}
+	for p, t := range targets {
+		t.authorization = b.creds.bearerValue
+		targets[p] = t
+		if err := getSmall(ctx, newClient(1), t, make([]byte, 4096)); err != nil {
+			return res, fmt.Errorf("check the %s path: %w", p, err)
+		}
+	}
+
+	warmup := min(max(s.Duration/5, 500*time.Millisecond), 2*time.Second)
+	if slices.Contains(s.Tests, testSmall) {
+		for _, c := range s.Concurrency {
+			for _, p := range s.Paths {
+				step("small GET, %s, %d concurrent", p, c)
+				var r smallResult
+				if s.LoadGen == "wrk" {
+					r, err = runSmallWrk(ctx, b.dir, targets[p], c, warmup, s.Duration)
+				} else {
+					r, err = runSmallGo(ctx, targets[p], c, warmup, s.Duration)
+				}
+				if err != nil {
+					return res, err
+				}
+				res.Small = append(res.Small, r)
+			}
+		}
+	}
+	if slices.Contains(s.Tests, testStream) {
+		for _, dir := range []string{download, upload} {
+			for _, p := range s.Paths {
+				step("%s %d MiB, %s", dir, s.StreamBytes>>20, p)
+				var smp *sampler
+				if p == pathTunnel {
+					if smp, err = startSampler(kas, 20*time.Millisecond); err != nil {
+						return res, err
+					}
+				}
+				r, err := runStream(ctx, targets[p], dir, s.StreamBytes, s.Duration)
+				if smp != nil {
+					g, serr := smp.stop()
+					if err == nil && serr != nil {
+						err = serr
+					}
+					if res.StreamMemory == nil {
+						res.StreamMemory = map[string]growth{}
+					}
+					res.StreamMemory[dir] = g
+				}
+				if err != nil {
+					return res, err
+				}
+				res.Stream = append(res.Stream, r)
+			}
+		}
+	}
+	if slices.Contains(s.Tests, testMemory) {
+		// The throughput processes idle from here on; only the upstream is
+		// still needed (agentk asks it for its version).
+		step("memory per idle agent: %d agents", s.IdleAgents)
+		idle, err := measureIdleAgents(ctx, b, upstreamURL)
+		if err != nil {
+			return res, err
+		}
+		res.Idle = &idle
+	}
+	return res, nil
+}

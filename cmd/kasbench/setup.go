@@ -1,0 +1,117 @@
+package main
+
+import (
+	"crypto/rand"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/kasproject/kas/server/standalone"
+)
+
+// credentials are the secrets the benchmark makes up for one run.
+type credentials struct {
+	agentToken  string   // the agent the tunnel path goes through (id benchAgentID)
+	idleTokens  []string // agents that only connect (ids benchAgentID+1…)
+	userPAT     string   // the personal access token of the user making requests
+	tokensFile  string   // agentToken, for the agents process
+	idleFile    string   // idleTokens, one a line
+	kasConfig   string   // kas.yaml
+	standalone  string   // the standalone file kas.yaml points at
+	bearerValue string   // the Authorization header of proxied requests
+}
+
+const benchAgentID = 1
+
+// writeSetup writes kas's configuration and a standalone file for it: one
+// group and project, the benchmark agent whose user_access lets the user in
+// as the agent itself (access_as agent: no impersonation), idle agents, and
+// the user with a personal access token. Every token is random and stored
+// only hashed (standalone.HashToken) in the files kas reads.
+func writeSetup(dir string, idleAgents int, kasLogLevel string) (*credentials, error) {
+	c := &credentials{
+		agentToken: "glagent-kasbench-" + rand.Text(),
+		userPAT:    "glpat-kasbench-" + rand.Text(),
+		tokensFile: filepath.Join(dir, "agent-token"),
+		idleFile:   filepath.Join(dir, "idle-agent-tokens"),
+		kasConfig:  filepath.Join(dir, "kas.yaml"),
+		standalone: filepath.Join(dir, "standalone.yaml"),
+	}
+	c.bearerValue = fmt.Sprintf("Bearer pat:%d:%s", benchAgentID, c.userPAT)
+	for range idleAgents {
+		c.idleTokens = append(c.idleTokens, "glagent-kasbench-"+rand.Text())
+	}
+
+	var sa strings.Builder
+	fmt.Fprintf(&sa, `# Written by kasbench for one run; tokens are stored hashed.
+groups:
+  - id: 1
+    path: kasbench
+projects:
+  - id: 10
+    path: kasbench/cluster
+    repository: repo
+agents:
+  - id: %d
+    name: bench
+    project: kasbench/cluster
+    token_sha256: %s
+`, benchAgentID, standalone.HashToken(c.agentToken))
+	for i, t := range c.idleTokens {
+		fmt.Fprintf(&sa, "  - id: %d\n    name: idle-%d\n    project: kasbench/cluster\n    token_sha256: %s\n",
+			benchAgentID+1+i, i+1, standalone.HashToken(t))
+	}
+	fmt.Fprintf(&sa, `users:
+  - id: 100
+    username: bencher
+    personal_access_tokens:
+      - token_sha256: %s
+        scopes: [k8s_proxy]
+    memberships:
+      projects:
+        kasbench/cluster: developer
+`, standalone.HashToken(c.userPAT))
+
+	agentConfig := `user_access:
+  access_as:
+    agent: {}
+  projects:
+    - id: kasbench/cluster
+`
+	// connections_per_token_per_minute: the agents all connect at once, and
+	// reconnect at once after kas restarts; the limit is not what is measured.
+	kasConfig := fmt.Sprintf(`# Written by kasbench for one run.
+agent:
+  listen:
+    address: 127.0.0.1:0
+    connections_per_token_per_minute: 1000000
+    listen_grace_period: 2s
+observability:
+  listen:
+    address: 127.0.0.1:0
+  logging:
+    level: %s
+standalone:
+  file: standalone.yaml
+`, kasLogLevel)
+
+	files := []struct {
+		path, content string
+	}{
+		{c.standalone, sa.String()},
+		{filepath.Join(dir, "repo", ".gitlab", "agents", "bench", "config.yaml"), agentConfig},
+		{c.kasConfig, kasConfig},
+		{c.tokensFile, c.agentToken + "\n"},
+		{c.idleFile, strings.Join(c.idleTokens, "\n") + "\n"},
+	}
+	for _, f := range files {
+		if err := os.MkdirAll(filepath.Dir(f.path), 0o700); err != nil {
+			return nil, err
+		}
+		if err := os.WriteFile(f.path, []byte(f.content), 0o600); err != nil {
+			return nil, fmt.Errorf("write %s: %w", f.path, err)
+		}
+	}
+	return c, nil
+}

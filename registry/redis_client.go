@@ -1,0 +1,124 @@
+package registry
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/kasproject/kas/server/config"
+)
+
+// maxPasswordFileSize bounds how much of a password file is read: a larger
+// file is the wrong file, not a password.
+const maxPasswordFileSize = 4096
+
+// NewRedisClient builds the go-redis client described by cfg: a single
+// server (redis.server), a Sentinel-managed primary (redis.sentinel) or a
+// Redis Cluster (redis.cluster). tlsConfig, built by the caller from
+// redis.tls (see tlsutil), is required exactly when redis.tls.enabled is
+// true. Passwords are read from their files here and go nowhere but to Redis.
+// The caller owns the client and closes it after the registry.
+func NewRedisClient(cfg *config.Redis, tlsConfig *tls.Config) (redis.UniversalClient, error) {
+	if cfg == nil {
+		return nil, errors.New("build Redis client: no redis configuration")
+	}
+	if cfg.TLS.Enabled != (tlsConfig != nil) {
+		return nil, fmt.Errorf("build Redis client: redis.tls.enabled is %t but a TLS configuration was %s", cfg.TLS.Enabled,
+			map[bool]string{true: "given", false: "not given"}[tlsConfig != nil])
+	}
+	opts := &redis.UniversalOptions{
+		ClientName:      "kas",
+		Username:        cfg.Username,
+		DB:              cfg.DatabaseIndex,
+		PoolSize:        cfg.PoolSize,
+		DialTimeout:     cfg.DialTimeout.D(),
+		ReadTimeout:     cfg.ReadTimeout.D(),
+		WriteTimeout:    cfg.WriteTimeout.D(),
+		ConnMaxIdleTime: cfg.IdleTimeout.D(),
+		TLSConfig:       tlsConfig,
+		Dialer:          dialer(cfg.Network, cfg.DialTimeout.D(), tlsConfig),
+	}
+	if cfg.PasswordFile != "" {
+		p, err := readPasswordFile("redis.password_file", cfg.PasswordFile)
+		if err != nil {
+			return nil, err
+		}
+		opts.Password = p
+	}
+	switch {
+	case cfg.Server != nil && cfg.Sentinel == nil && cfg.Cluster == nil:
+		opts.Addrs = []string{cfg.Server.Address}
+	case cfg.Sentinel != nil && cfg.Server == nil && cfg.Cluster == nil:
+		s := cfg.Sentinel
+		if s.MasterName == "" || len(s.Addresses) == 0 {
+			return nil, errors.New("build Redis client: redis.sentinel needs master_name and at least one address")
+		}
+		opts.MasterName = s.MasterName
+		opts.Addrs = s.Addresses
+		if s.SentinelPasswordFile != "" {
+			p, err := readPasswordFile("redis.sentinel.sentinel_password_file", s.SentinelPasswordFile)
+			if err != nil {
+				return nil, err
+			}
+			opts.SentinelPassword = p
+		}
+	case cfg.Cluster != nil && cfg.Server == nil && cfg.Sentinel == nil:
+		if len(cfg.Cluster.Addresses) == 0 {
+			return nil, errors.New("build Redis client: redis.cluster needs at least one address")
+		}
+		opts.Addrs = cfg.Cluster.Addresses
+		// A single seed address would otherwise make a plain client.
+		opts.IsClusterMode = true
+	default:
+		return nil, errors.New("build Redis client: set exactly one of redis.server, redis.sentinel and redis.cluster")
+	}
+	return redis.NewUniversalClient(opts), nil
+}
+
+// dialer connects over network (tcp, tcp4, tcp6 or unix; empty means tcp),
+// which go-redis's UniversalOptions cannot express, adding TLS when set.
+func dialer(network string, timeout time.Duration, tlsConfig *tls.Config) func(ctx context.Context, _, addr string) (net.Conn, error) {
+	if network == "" {
+		network = "tcp"
+	}
+	d := &net.Dialer{Timeout: timeout}
+	if tlsConfig == nil {
+		return func(ctx context.Context, _, addr string) (net.Conn, error) {
+			return d.DialContext(ctx, network, addr)
+		}
+	}
+	td := &tls.Dialer{NetDialer: d, Config: tlsConfig}
+	return func(ctx context.Context, _, addr string) (net.Conn, error) {
+		return td.DialContext(ctx, network, addr)
+	}
+}
+
+// readPasswordFile returns the file's content without surrounding
+// whitespace. Errors name the key and the file, never the content.
+func readPasswordFile(key, path string) (string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return "", fmt.Errorf("read %s: %w", key, err)
+	}
+	defer f.Close()
+	raw, err := io.ReadAll(io.LimitReader(f, maxPasswordFileSize+1))
+	if err != nil {
+		return "", fmt.Errorf("read %s %s: %w", key, path, err)
+	}
+	if len(raw) > maxPasswordFileSize {
+		return "", fmt.Errorf("%s %s is larger than %d bytes, so it is not a password file", key, path, maxPasswordFileSize)
+	}
+	p := bytes.TrimSpace(raw)
+	if len(p) == 0 {
+		return "", fmt.Errorf("%s %s is empty; write the Redis password into it, or remove %s if Redis needs none", key, path, key)
+	}
+	return string(p), nil
+}

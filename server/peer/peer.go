@@ -1,0 +1,96 @@
+// Package peer is the private API (kas → kas): the gRPC Server through which
+// another node sends a request to one of this node's agent tunnels, and the
+// Router that sends each proxied request to wherever the agent's tunnel is,
+// this node first, then the nodes the registry names.
+//
+// One request is one bidirectional gRPC stream (see peerpb/forward.proto):
+// request head and body chunks one way; response head, body chunks and
+// trailers the other; upgraded connections' bytes both ways. Bodies stream in
+// chunks and are never held whole, except those small enough to travel in
+// the head message.
+package peer
+
+import (
+	"net/http"
+	"net/textproto"
+	"sync"
+	"time"
+
+	"github.com/kasproject/kas/server/peer/peerpb"
+)
+
+// Transport sizes, shared by both ends.
+const (
+	// chunkSize is the most body bytes one data message carries, and the
+	// largest body that travels inside its head message.
+	chunkSize = 64 << 10
+	// maxMessageSize bounds one gRPC message: a head with large headers
+	// plus an inline body fits with room to spare.
+	maxMessageSize = 16 << 20
+	// streamWindow and connWindow are the HTTP/2 flow-control windows. Peers
+	// are on a fast private network, so large static windows keep a stream
+	// from waiting on WINDOW_UPDATEs; the stream window still bounds what a
+	// slow reader makes a node buffer.
+	streamWindow = 1 << 20
+	connWindow   = 16 << 20
+	// ioBufferSize is each connection's read and write buffer: several
+	// frames per system call.
+	ioBufferSize = 128 << 10
+
+	// keepaliveTime and keepaliveTimeout: an idle connection is pinged every
+	// keepaliveTime and dropped if the ping is not answered in time. The
+	// server allows pings down to keepaliveMinTime apart.
+	keepaliveTime    = 30 * time.Second
+	keepaliveTimeout = 10 * time.Second
+	keepaliveMinTime = 15 * time.Second
+)
+
+// bufferPool hands out chunkSize buffers for copying bodies.
+type bufferPool struct{ p sync.Pool }
+
+func newBufferPool() *bufferPool {
+	return &bufferPool{p: sync.Pool{New: func() any {
+		b := make([]byte, chunkSize)
+		return &b
+	}}}
+}
+
+func (bp *bufferPool) get() *[]byte  { return bp.p.Get().(*[]byte) }
+func (bp *bufferPool) put(b *[]byte) { bp.p.Put(b) }
+
+// headersToPB converts h for a message. The values are shared with h, not
+// copied: messages are serialized before the caller can change h again.
+func headersToPB(h http.Header) []*peerpb.Header {
+	if len(h) == 0 {
+		return nil
+	}
+	// One allocation for all entries instead of one per header.
+	store := make([]peerpb.Header, len(h))
+	out := make([]*peerpb.Header, 0, len(h))
+	i := 0
+	for name, values := range h {
+		store[i].Name = name
+		store[i].Values = values
+		out = append(out, &store[i])
+		i++
+	}
+	return out
+}
+
+// headersFromPB rebuilds an http.Header. Names are canonicalized because they
+// come from another process; for names that already are, this costs nothing.
+func headersFromPB(hs []*peerpb.Header) http.Header {
+	h := make(http.Header, len(hs))
+	for _, e := range hs {
+		if e.GetName() == "" {
+			continue
+		}
+		name := textproto.CanonicalMIMEHeaderKey(e.Name)
+		if prev, ok := h[name]; ok {
+			h[name] = append(prev, e.Values...)
+		} else {
+			h[name] = e.Values // the message is ours; no need to copy
+		}
+	}
+	return h
+}
