@@ -106,3 +106,54 @@ func Observability(c Common, h ObservabilityHandlers) http.Handler {
 	r.Handle("/debug/status", h.StatusJSON)
 	return r
 }
+
+// InternalAPIHandlers are the JSON handlers of the internal API listener
+// (server/internalapi); each mirrors one of its gRPC methods for curl.
+type InternalAPIHandlers struct {
+	// Authenticate refuses a request without Authorization: Bearer <JWT>,
+	// the JWT signed with the API secret for audience gitlab-kas.
+	Authenticate func(http.Handler) http.Handler
+	// ServerInfo, ConnectedAgents, GitPushEvent and AgentConfigFiles mirror
+	// GetServerInfo, GetConnectedAgentsBy{Agent,Project}IDs, GitPushEvent
+	// and ListAgentConfigFiles.
+	ServerInfo, ConnectedAgents, GitPushEvent, AgentConfigFiles http.Handler
+	// NotFound and MethodNotAllowed answer everything else, as JSON.
+	NotFound, MethodNotAllowed http.Handler
+}
+
+// InternalAPI routes the JSON side of the internal API listener
+// (api.listen, :8153). The listener serves GitLab Rails' gRPC calls too:
+// server/internalapi sends every request with content-type
+// application/grpc to its gRPC server, which answers
+//
+//	gitlab.agent.server_info.rpc.ServerInfo/GetServerInfo
+//	gitlab.agent.agent_tracker.rpc.AgentTracker/GetConnectedAgentsByAgentIDs
+//	gitlab.agent.agent_tracker.rpc.AgentTracker/GetConnectedAgentsByProjectIDs
+//	gitlab.agent.agent_tracker.rpc.AgentTracker/GetConnectedAgentksByAgentIDs  (newer GitLab's name)
+//	gitlab.agent.notifications.rpc.Notifications/GitPushEvent
+//	gitlab.agent.configuration_project.rpc.ConfigurationProject/ListAgentConfigFiles
+//	grpc.reflection.v1(alpha).ServerReflection/ServerReflectionInfo  (grpcurl list/describe)
+//	grpc.health.v1.Health/Check, Watch                                (no token needed)
+//
+// with metadata "authorization: bearer <JWT>". Everything else comes here;
+// every route needs the same JWT as Authorization: Bearer <JWT>:
+//
+//	GET  /api/v1/server_info                              kas version, commit, build time
+//	GET  /api/v1/connected_agents?agent_id=1&agent_id=2   connections of agents, on every node
+//	GET  /api/v1/connected_agents?project_id=3            connections of the agents a project configures
+//	POST /api/v1/git_push_event                           {"event":{"project":{"id":3,"full_path":"group/project"}}}
+//	GET  /api/v1/projects/{project}/agent_config_files    a project's agent config files (ID or URL-encoded path)
+func InternalAPI(c Common, h InternalAPIHandlers) http.Handler {
+	r := chi.NewRouter()
+	c.use(r, "internal_api")
+	r.NotFound(h.NotFound.ServeHTTP)
+	r.MethodNotAllowed(h.MethodNotAllowed.ServeHTTP)
+	r.Route("/api/v1", func(r chi.Router) {
+		r.Use(h.Authenticate)
+		r.Method(http.MethodGet, "/server_info", h.ServerInfo)
+		r.Method(http.MethodGet, "/connected_agents", h.ConnectedAgents)
+		r.Method(http.MethodPost, "/git_push_event", h.GitPushEvent)
+		r.Method(http.MethodGet, "/projects/{project}/agent_config_files", h.AgentConfigFiles)
+	})
+	return r
+}

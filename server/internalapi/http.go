@@ -43,7 +43,7 @@ func jsonHandlers(svc services, auth authenticator) routes.InternalAPIHandlers {
 			writeResult(w, http.StatusOK, resp, err)
 		}),
 		ConnectedAgents: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			connectedAgents(w, r, svc.tracker)
+			serveConnectedAgents(w, r, svc.tracker)
 		}),
 		GitPushEvent: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			var req gitlabpb.GitPushEventRequest
@@ -72,9 +72,9 @@ func jsonHandlers(svc services, auth authenticator) routes.InternalAPIHandlers {
 	}
 }
 
-// connectedAgents answers ?agent_id=1&agent_id=2 or ?project_id=3 (values
+// serveConnectedAgents answers ?agent_id=1&agent_id=2 or ?project_id=3 (values
 // may also be comma-separated).
-func connectedAgents(w http.ResponseWriter, r *http.Request, tracker *agentTrackerService) {
+func serveConnectedAgents(w http.ResponseWriter, r *http.Request, tracker *agentTrackerService) {
 	query := r.URL.Query()
 	agentIDs, err := queryIDs(query, "agent_id")
 	if err != nil {

@@ -12,6 +12,7 @@ import (
 	"net/http/httputil"
 	"path"
 	"strings"
+	"sync"
 	"time"
 
 	"golang.org/x/net/http/httpguts"
@@ -69,12 +70,38 @@ func NewHandler(opts Options) *Handler {
 	h.proxy = &httputil.ReverseProxy{
 		Rewrite:   h.rewrite,
 		Transport: roundTripperFunc(viaRoute),
-		// Flush every chunk at once: watches, logs -f and long lists stream.
-		FlushInterval: -1,
-		ErrorHandler:  h.proxyError,
-		ErrorLog:      slog.NewLogLogger(opts.Logger.Handler(), slog.LevelWarn),
+		// No FlushInterval: ReverseProxy flushes every chunk of an answer of
+		// unknown length (watches, logs -f) as it arrives anyway, and an
+		// answer of known length is better written as its buffers fill.
+		BufferPool:   &bufferPool{},
+		ErrorHandler: h.proxyError,
+		ErrorLog:     slog.NewLogLogger(opts.Logger.Handler(), slog.LevelWarn),
 	}
 	return h
+}
+
+// copyBufferSize is the size of the buffers that copy bodies: large enough
+// that bulk transfers pay per-write costs rarely, small enough for the
+// watches that hold one while they run.
+const copyBufferSize = 32 << 10
+
+// bufferPool lends the copy buffers of proxied bodies, which would otherwise
+// be allocated for every request.
+type bufferPool struct{ pool sync.Pool }
+
+func (p *bufferPool) Get() []byte {
+	if b, ok := p.pool.Get().(*[]byte); ok {
+		return *b
+	}
+	return make([]byte, copyBufferSize)
+}
+
+func (p *bufferPool) Put(b []byte) {
+	if cap(b) != copyBufferSize {
+		return
+	}
+	b = b[:copyBufferSize]
+	p.pool.Put(&b)
 }
 
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {

@@ -1,0 +1,176 @@
+package k8sproxy
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/kasproject/kas/protocol"
+	"github.com/kasproject/kas/registry"
+	"github.com/kasproject/kas/server/kubestatus"
+	"github.com/kasproject/kas/server/proxyauth"
+)
+
+// fixedAuth answers every request the same way.
+type fixedAuth struct {
+	res *proxyauth.Result
+	err error
+}
+
+func (f fixedAuth) Authenticate(context.Context, *http.Request) (*proxyauth.Result, error) {
+	return f.res, f.err
+}
+
+// recordingRouter routes to a RoundTripper that records what it was sent.
+type recordingRouter struct {
+	err  error
+	rt   func(*http.Request) (*http.Response, error)
+	seen chan *http.Request
+}
+
+func (r *recordingRouter) Route(ctx context.Context, _ int64) (http.RoundTripper, error) {
+	if r.err != nil {
+		<-ctx.Done() // like a router waiting for an agent that never comes
+		return nil, r.err
+	}
+	return roundTripperFunc(func(req *http.Request) (*http.Response, error) {
+		r.seen <- req
+		return r.rt(req)
+	}), nil
+}
+
+func okResponse(req *http.Request) (*http.Response, error) {
+	return &http.Response{StatusCode: 200, Header: http.Header{"Content-Type": {"application/json"}},
+		Body: io.NopCloser(strings.NewReader(`{"kind":"NamespaceList"}`)), Request: req}, nil
+}
+
+func TestHandler(t *testing.T) {
+	user := &protocol.Identity{Username: "gitlab:user:alice", Groups: []string{"gitlab:user"}}
+	tests := []struct {
+		name        string
+		path        string
+		header      http.Header
+		auth        fixedAuth
+		routeErr    error
+		rt          func(*http.Request) (*http.Response, error)
+		wantCode    int
+		wantReason  kubestatus.Reason
+		wantHeader  map[string]string
+		wantForward bool
+	}{
+		{
+			name: "forwards with the identity and without the caller's credentials",
+			path: "/api/v1/namespaces",
+			header: http.Header{"Authorization": {"Bearer pat:1:x"}, "Impersonate-User": {"admin"}, "Cookie": {"_gitlab_kas=abc"},
+				protocol.HeaderIdentity: {"spoofed"}, "Accept": {"application/json"}},
+			auth:        fixedAuth{res: &proxyauth.Result{AgentID: 1, Kind: proxyauth.KindPersonalAccessToken, Identity: user}},
+			rt:          okResponse,
+			wantCode:    200,
+			wantForward: true,
+		},
+		{
+			name:       "refused credentials are a Status with Gitlab-Unauthorized",
+			path:       "/api/v1/namespaces",
+			auth:       fixedAuth{err: &proxyauth.Error{Code: 401, Reason: kubestatus.ReasonUnauthorized, Message: "bad token"}},
+			wantCode:   401,
+			wantReason: kubestatus.ReasonUnauthorized,
+			wantHeader: map[string]string{"Gitlab-Unauthorized": "true"},
+		},
+		{
+			name:       "forbidden",
+			path:       "/api/v1/namespaces",
+			auth:       fixedAuth{err: &proxyauth.Error{Code: 403, Reason: kubestatus.ReasonForbidden, Message: "no"}},
+			wantCode:   403,
+			wantReason: kubestatus.ReasonForbidden,
+		},
+		{
+			name:       "agent not connected after the wait",
+			path:       "/api/v1/namespaces",
+			auth:       fixedAuth{res: &proxyauth.Result{AgentID: 1}},
+			routeErr:   registry.ErrNoTunnel,
+			wantCode:   503,
+			wantReason: kubestatus.ReasonServiceUnavailable,
+			wantHeader: map[string]string{"Retry-After": "5"},
+		},
+		{
+			name:       "agent failed",
+			path:       "/api/v1/namespaces",
+			auth:       fixedAuth{res: &proxyauth.Result{AgentID: 1}},
+			rt:         func(*http.Request) (*http.Response, error) { return nil, errors.New("tunnel closed") },
+			wantCode:   502,
+			wantReason: kubestatus.ReasonInternalError,
+		},
+		{
+			name:       "timed out",
+			path:       "/api/v1/namespaces",
+			auth:       fixedAuth{res: &proxyauth.Result{AgentID: 1}},
+			rt:         func(*http.Request) (*http.Response, error) { return nil, context.DeadlineExceeded },
+			wantCode:   504,
+			wantReason: kubestatus.ReasonTimeout,
+		},
+		{
+			name:       "agentk's own endpoints are not reachable",
+			path:       "/x/../-/agentk/configuration",
+			auth:       fixedAuth{res: &proxyauth.Result{AgentID: 1}},
+			wantCode:   404,
+			wantReason: kubestatus.ReasonNotFound,
+		},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			router := &recordingRouter{err: tc.routeErr, rt: tc.rt, seen: make(chan *http.Request, 1)}
+			h := NewHandler(Options{
+				Auth:             tc.auth,
+				Router:           router,
+				Logger:           slog.New(slog.DiscardHandler),
+				AgentWaitTimeout: 50 * time.Millisecond,
+			})
+			req := httptest.NewRequest(http.MethodGet, "http://kas"+tc.path, nil)
+			for k, v := range tc.header {
+				req.Header[k] = v
+			}
+			w := httptest.NewRecorder()
+			h.ServeHTTP(w, req)
+			if w.Code != tc.wantCode {
+				t.Fatalf("status %d, want %d: %s", w.Code, tc.wantCode, w.Body)
+			}
+			for k, v := range tc.wantHeader {
+				if got := w.Header().Get(k); got != v {
+					t.Errorf("header %s = %q, want %q", k, got, v)
+				}
+			}
+			if tc.wantReason != "" {
+				var st kubestatus.Status
+				if err := json.Unmarshal(w.Body.Bytes(), &st); err != nil || st.Kind != "Status" || st.Reason != tc.wantReason || st.Code != tc.wantCode {
+					t.Fatalf("body %s is not a %s Status (%v)", w.Body, tc.wantReason, err)
+				}
+			}
+			if !tc.wantForward {
+				return
+			}
+			out := <-router.seen
+			for _, k := range []string{"Authorization", "Impersonate-User", "Cookie"} {
+				if v := out.Header.Get(k); v != "" {
+					t.Errorf("caller's %s reached the agent: %q", k, v)
+				}
+			}
+			if out.Header.Get("Accept") != "application/json" {
+				t.Errorf("Accept header lost: %v", out.Header)
+			}
+			id, err := protocol.DecodeIdentity(out.Header.Get(protocol.HeaderIdentity))
+			if err != nil || id.Username != user.Username {
+				t.Errorf("identity header decodes to %+v, %v; want %s", id, err, user.Username)
+			}
+			if out.URL.Path != tc.path {
+				t.Errorf("path %q, want %q", out.URL.Path, tc.path)
+			}
+		})
+	}
+}
