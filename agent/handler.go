@@ -97,11 +97,12 @@ func newReverseProxy(a *Agent, buffers *bufferPool) *httputil.ReverseProxy {
 			setUpstreamIdentity(pr.Out.Header, id)
 		},
 		Transport: a.apiTransport,
-		// Watches and logs -f are endless responses: send every chunk as it
-		// arrives.
-		FlushInterval: -1,
-		BufferPool:    buffers,
-		ErrorHandler:  a.apiServerFailed,
+		// No FlushInterval: ReverseProxy sends every chunk of an answer of
+		// unknown length (watches, logs -f) as it arrives anyway, and an
+		// answer of known length then leaves as one HEADERS and one DATA
+		// frame with END_STREAM instead of three tunnel writes.
+		BufferPool:   buffers,
+		ErrorHandler: a.apiServerFailed,
 	}
 }
 
@@ -167,7 +168,10 @@ func (a *Agent) apiServerFailed(w http.ResponseWriter, r *http.Request, err erro
 		a.logger.Warn("Kubernetes API server request failed", "method", r.Method, "path", r.URL.Path,
 			"api_server", a.apiServer.Redacted(), "error", err.Error())
 	}
-	writeStatus(w, http.StatusBadGateway, metav1.StatusReasonServiceUnavailable,
+	// Kubernetes has no reason for 502; InternalError is what kas gives its
+	// own 502s (server/kubestatus), so the caller sees one answer for a
+	// failure whichever of the two noticed it first.
+	writeStatus(w, http.StatusBadGateway, metav1.StatusReasonInternalError,
 		fmt.Sprintf("agentk: the Kubernetes API server failed: %v", err))
 }
 

@@ -47,12 +47,45 @@ type env struct {
 	// transport carries every caller's requests; it is closed with the env.
 	transport *http.Transport
 	client    *http.Client
+
+	mu     sync.Mutex
+	agents []*agentNode // stopped together, before kas
 }
 
 // newEnv writes the scenario, starts the fake cluster and a kas node in
 // standalone mode on it; configure, if not nil, adjusts kas's configuration
 // first. Everything stops when the test ends.
 func newEnv(t *testing.T, configure func(*config.Config)) *env {
+	t.Helper()
+	e := newWorld(t)
+	cfg := kasConfig(t)
+	cfg.Standalone.File = e.scenarioFile
+	if configure != nil {
+		configure(cfg)
+	}
+	e.kas = startKAS(t, cfg, e.log.With("component", "kas"))
+	// agentk waits a second after its GOAWAY before it closes the tunnel
+	// (x/net/http2's rule), so the agents stop together, not one by one.
+	t.Cleanup(func() {
+		e.mu.Lock()
+		agents := e.agents
+		e.mu.Unlock()
+		var wg sync.WaitGroup
+		for _, a := range agents {
+			wg.Go(func() {
+				if err := a.stop(); err != nil {
+					t.Errorf("stop agentk: %v", err)
+				}
+			})
+		}
+		wg.Wait()
+	})
+	return e
+}
+
+// newWorld is an env without kas: the scenario's files, the fake cluster
+// and the callers' transport. The test provides e.kas.
+func newWorld(t *testing.T) *env {
 	t.Helper()
 	e := &env{logs: newLogBuffer(t)}
 	e.log = logging.New(e.logs, slog.LevelDebug, nil)
@@ -61,13 +94,6 @@ func newEnv(t *testing.T, configure func(*config.Config)) *env {
 	e.transport = &http.Transport{}
 	t.Cleanup(e.transport.CloseIdleConnections)
 	e.client = &http.Client{Transport: e.transport}
-
-	cfg := kasConfig(t)
-	cfg.Standalone.File = e.scenarioFile
-	if configure != nil {
-		configure(cfg)
-	}
-	e.kas = startKAS(t, cfg, e.log.With("component", "kas"))
 	return e
 }
 
@@ -210,6 +236,9 @@ func (e *env) agentOptions(a testAgent, public string) agent.Options {
 func (e *env) startAgent(t *testing.T, a testAgent) *agentNode {
 	t.Helper()
 	n := runAgent(t, e.agentOptions(a, e.kas.public))
+	e.mu.Lock()
+	e.agents = append(e.agents, n)
+	e.mu.Unlock()
 	waitConnected(t, n.agent)
 	eventually(t, func() bool {
 		got, err := tunnels(e.kas.observability, a.id)
@@ -219,6 +248,7 @@ func (e *env) startAgent(t *testing.T, a testAgent) *agentNode {
 }
 
 // runAgent runs agentk with opts until stop is called or the test ends.
+// (Agents of an env are stopped before, all at once.)
 func runAgent(t *testing.T, opts agent.Options) *agentNode {
 	t.Helper()
 	a, err := agent.New(opts)

@@ -188,7 +188,7 @@ func NewRedis(opts RedisOptions) (*Redis, error) {
 		refresh:   refresh,
 		gcPeriod:  gcPeriod,
 		log:       log,
-		errLog:    &errorLog{log: log, every: errorLogInterval},
+		errLog:    &errorLog{log: log, msg: "Redis registry operation failed; this node keeps serving its own tunnels and retries", every: errorLogInterval},
 		metrics:   metrics,
 		commands:  commands,
 		cache:     newLookupCache(cacheTTL),
@@ -330,7 +330,7 @@ func (r *Redis) hasLocal(agentID int64) bool {
 func (r *Redis) Tunnels(ctx context.Context, agentIDs ...int64) ([]TunnelInfo, error) {
 	out, _ := r.local.Tunnels(ctx, agentIDs...)
 	for i := range out {
-		out[i].NodeURLs = r.nodeURLs
+		out[i].NodeURLs = slices.Clone(r.nodeURLs)
 	}
 	var mu sync.Mutex
 	collect := func(ctx context.Context, keys []string) error {
@@ -901,6 +901,7 @@ func (b *backoff) reset() { b.cur = 0 }
 // so an unreachable Redis does not flood the log with one line per request.
 type errorLog struct {
 	log   *slog.Logger
+	msg   string
 	every time.Duration
 
 	mu         sync.Mutex
@@ -919,8 +920,7 @@ func (e *errorLog) report(operation string, err error) {
 	suppressed := e.suppressed
 	e.last, e.suppressed = now, 0
 	e.mu.Unlock()
-	e.log.Error("Redis registry operation failed; this node keeps serving its own tunnels and retries",
-		"operation", operation, "error", err.Error(), "errors_not_logged_since_last", suppressed)
+	e.log.Error(e.msg, "operation", operation, "error", err.Error(), "errors_not_logged_since_last", suppressed)
 }
 
 // hadErrors reports whether any error was logged.
@@ -928,6 +928,22 @@ func (e *errorLog) hadErrors() bool {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	return !e.last.IsZero()
+}
+
+// RedisClientLogger takes go-redis's own log lines (a dial failure each time
+// the client tries to reconnect, for instance) into slog, at most one per
+// errorLogInterval so an outage does not flood the log. go-redis has one
+// logger per process: install it at start-up with redis.SetLogger.
+type RedisClientLogger struct{ errLog *errorLog }
+
+// NewRedisClientLogger returns a go-redis logger writing to log.
+func NewRedisClientLogger(log *slog.Logger) *RedisClientLogger {
+	return &RedisClientLogger{&errorLog{log: log, msg: "Redis client error", every: errorLogInterval}}
+}
+
+// Printf logs one go-redis message, unless one was logged recently.
+func (l *RedisClientLogger) Printf(_ context.Context, format string, v ...any) {
+	l.errLog.report("client", errors.New(fmt.Sprintf(format, v...)))
 }
 
 // commandCounter is a go-redis hook counting the commands sent.

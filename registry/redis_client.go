@@ -30,9 +30,11 @@ func NewRedisClient(cfg *config.Redis, tlsConfig *tls.Config) (redis.UniversalCl
 	if cfg == nil {
 		return nil, errors.New("build Redis client: no redis configuration")
 	}
-	if cfg.TLS.Enabled != (tlsConfig != nil) {
-		return nil, fmt.Errorf("build Redis client: redis.tls.enabled is %t but a TLS configuration was %s", cfg.TLS.Enabled,
-			map[bool]string{true: "given", false: "not given"}[tlsConfig != nil])
+	switch {
+	case cfg.TLS.Enabled && tlsConfig == nil:
+		return nil, errors.New("build Redis client: redis.tls.enabled is true but no TLS configuration was given")
+	case !cfg.TLS.Enabled && tlsConfig != nil:
+		return nil, errors.New("build Redis client: redis.tls.enabled is false but a TLS configuration was given")
 	}
 	opts := &redis.UniversalOptions{
 		ClientName:      "kas",

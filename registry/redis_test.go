@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"os"
 	"reflect"
 	"slices"
 	"strings"
@@ -12,7 +13,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/testutil"
+	dto "github.com/prometheus/client_model/go"
 	"github.com/redis/go-redis/v9"
 
 	"github.com/kasproject/kas/internal/redistest"
@@ -209,7 +210,7 @@ func TestRedisRegistrationVisibleToOtherNodes(t *testing.T) {
 	if !slices.Equal(urls, []string{a.url, b.url}) {
 		t.Errorf("Nodes() = %+v, want a and b", nodes)
 	}
-	if got := testutil.ToFloat64(a.metrics.publishedAgents); got != 2 {
+	if got := value(a.metrics.publishedAgents); got != 2 {
 		t.Errorf("a's published agents gauge = %v, want 2", got)
 	}
 }
@@ -273,13 +274,37 @@ func TestRedisRefreshKeepsRecordsAlive(t *testing.T) {
 			t.Fatal("a's record expired although a refreshes it")
 		}
 	}
-	eventually(t, 5*time.Second, "a's nodes gauge counts both nodes", func() bool { return testutil.ToFloat64(a.metrics.nodes) == 2 })
+	eventually(t, 5*time.Second, "a's nodes gauge counts both nodes", func() bool { return value(a.metrics.nodes) == 2 })
 	pttl, err := b.client.PTTL(context.Background(), a.keys.tunnels(1)).Result()
 	if err != nil {
 		t.Fatal(err)
 	}
 	if pttl <= 0 || pttl > ttl {
 		t.Errorf("agent key expires in %s, want within the TTL %s", pttl, ttl)
+	}
+}
+
+func TestRedisRefreshRewritesLostRecords(t *testing.T) {
+	// Redis can lose data without the node's connections dropping (a
+	// FLUSHALL, a failover to a replica that lagged): the refresh writes
+	// the whole local state, not just new expiry times.
+	srv := redistest.Start(t)
+	const refresh = 300 * time.Millisecond
+	a := newNode(t, srv, "a", func(o *RedisOptions) { o.TTL, o.RefreshPeriod = 10*refresh, refresh })
+	a.register(t, tun(1, 1), tun(2, 2))
+	raw := newClient(t, srv)
+	written := func() bool {
+		return field(t, raw, a.keys.tunnels(1), a.NodeID()) != "" && field(t, raw, a.keys.tunnels(2), a.NodeID()) != "" &&
+			field(t, raw, a.keys.nodes, a.NodeID()) != ""
+	}
+	eventually(t, 5*time.Second, "a's records are written", written)
+	if err := raw.FlushAll(context.Background()).Err(); err != nil {
+		t.Fatal(err)
+	}
+	flushed := time.Now()
+	eventually(t, 5*time.Second, "a writes its records again", written)
+	if took := time.Since(flushed); took > refresh+200*time.Millisecond {
+		t.Errorf("records back %s after the flush, want within one refresh period (%s)", took, refresh)
 	}
 }
 
@@ -430,6 +455,15 @@ func TestRedisLookupCache(t *testing.T) {
 	}
 }
 
+// value reads a counter or gauge.
+func value(m prometheus.Metric) float64 {
+	var d dto.Metric
+	if err := m.Write(&d); err != nil {
+		panic(err)
+	}
+	return d.GetCounter().GetValue() + d.GetGauge().GetValue()
+}
+
 // gathered returns the value of an unlabelled counter or gauge in reg.
 func gathered(t *testing.T, reg *prometheus.Registry, name string) float64 {
 	t.Helper()
@@ -479,7 +513,7 @@ func TestRedisRestart(t *testing.T) {
 		t.Error("FindRemote while Redis is down reported no error")
 	}
 	eventually(t, 10*time.Second, "a notices Redis is down", func() bool {
-		return testutil.ToFloat64(a.metrics.errors.WithLabelValues("write")) > 0
+		return value(a.metrics.errors.WithLabelValues("write")) > 0
 	})
 
 	srv.Restart() // empty: Redis lost every key
@@ -488,7 +522,9 @@ func TestRedisRestart(t *testing.T) {
 		return field(t, raw, a.keys.tunnels(1), a.NodeID()) != "" && field(t, raw, a.keys.tunnels(2), a.NodeID()) != "" &&
 			field(t, raw, a.keys.nodes, a.NodeID()) != ""
 	})
-	if took := time.Since(restarted); took > refresh+500*time.Millisecond {
+	took := time.Since(restarted)
+	t.Logf("records back %s after the restart", took)
+	if took > refresh+500*time.Millisecond {
 		t.Errorf("a wrote its records again %s after Redis came back, want within one refresh period (%s)", took, refresh)
 	}
 	eventually(t, 5*time.Second, "b sees a's tunnels again", func() bool {
@@ -497,7 +533,7 @@ func TestRedisRestart(t *testing.T) {
 
 	errs := 0.0
 	for _, op := range []string{"write", "lookup", "subscribe"} {
-		errs += testutil.ToFloat64(a.metrics.errors.WithLabelValues(op))
+		errs += value(a.metrics.errors.WithLabelValues(op))
 	}
 	if logged := logs.errors(); logged == 0 || float64(logged) > 2 || float64(logged) >= errs {
 		t.Errorf("logged %d of %v Redis errors over a short outage, want at most one every %s", logged, errs, errorLogInterval)
@@ -653,7 +689,7 @@ func TestRedisScanMatchesOnlyItsPrefix(t *testing.T) {
 
 func TestErrorLogRateLimits(t *testing.T) {
 	h := &countingHandler{}
-	e := &errorLog{log: slog.New(h), every: time.Hour}
+	e := &errorLog{log: slog.New(h), msg: "failed", every: time.Hour}
 	if e.hadErrors() {
 		t.Fatal("hadErrors before any error")
 	}
@@ -665,6 +701,19 @@ func TestErrorLogRateLimits(t *testing.T) {
 	}
 	if !e.hadErrors() {
 		t.Fatal("hadErrors after an error")
+	}
+}
+
+func TestRedisClientLoggerRateLimits(t *testing.T) {
+	h := &countingHandler{}
+	var l interface {
+		Printf(context.Context, string, ...any)
+	} = NewRedisClientLogger(slog.New(h))
+	for i := range 10 {
+		l.Printf(context.Background(), "redis: connection pool: failed to dial after %d attempts", i)
+	}
+	if h.errors() != 1 {
+		t.Fatalf("logged %d of 10 go-redis lines within one interval, want 1", h.errors())
 	}
 }
 
@@ -703,4 +752,10 @@ func TestRedisRecordRoundTrip(t *testing.T) {
 	if len(infos) != 1 || !reflect.DeepEqual(infos[0], want) {
 		t.Fatalf("b.Tunnels(4) = %+v, want [%+v]", infos, want)
 	}
+}
+
+func TestMain(m *testing.M) {
+	// go-redis logs each failed dial of the restart test; keep one line per interval.
+	redis.SetLogger(NewRedisClientLogger(slog.Default()))
+	os.Exit(m.Run())
 }

@@ -22,6 +22,7 @@ import (
 	"github.com/kasproject/kas/routes"
 	"github.com/kasproject/kas/server/config"
 	"github.com/kasproject/kas/server/gitlab"
+	"github.com/kasproject/kas/server/internalapi"
 	"github.com/kasproject/kas/server/k8sproxy"
 	"github.com/kasproject/kas/server/logging"
 	"github.com/kasproject/kas/server/proxyauth"
@@ -51,6 +52,7 @@ type Server struct {
 	closeAPI func() error
 	registry registry.Registry
 	endpoint *tunnel.Endpoint
+	internal *internalapi.Handler
 
 	listeners []*listener
 	ready     atomic.Bool
@@ -64,7 +66,9 @@ type listener struct {
 	address string
 	tls     *tls.Config
 	handler http.Handler
-	srv     *http.Server
+	// protocols overrides net/http's default (e.g. h2c for gRPC); nil keeps it.
+	protocols *http.Protocols
+	srv       *http.Server
 	ln      net.Listener
 }
 
@@ -137,6 +141,9 @@ func New(cfg *config.Config, opts Options) (*Server, error) {
 	if err := s.addListener("observability.listen", cfg.Observability.Listen, routes.Observability(common, observability)); err != nil {
 		return nil, err
 	}
+	if err := s.buildInternalAPI(httpMetrics); err != nil {
+		return nil, err
+	}
 	return s, nil
 }
 
@@ -188,6 +195,34 @@ func (s *Server) buildAPI() error {
 	return nil
 }
 
+// buildInternalAPI serves GitLab Rails' gRPC calls and their JSON mirrors on api.listen.
+func (s *Server) buildInternalAPI(httpMetrics *middleware.Metrics) error {
+	var secret []byte
+	if f := s.cfg.API.Listen.AuthenticationSecretFile; f != "" {
+		var err error
+		if secret, err = config.ReadSecretFile(f); err != nil {
+			return fmt.Errorf("api.listen.authentication_secret_file: %w", err)
+		}
+	}
+	h, err := internalapi.NewHandler(internalapi.Options{
+		Secret:            secret,
+		Registry:          s.registry,
+		Version:           s.opts.Version,
+		GitLabExternalURL: s.cfg.GitLab.ExternalURL,
+		Logger:            s.log,
+		Metrics:           httpMetrics,
+	})
+	if err != nil {
+		return fmt.Errorf("internal API: %w", err)
+	}
+	s.internal = h
+	if err := s.addListener("api.listen", s.cfg.API.Listen.Listen, h); err != nil {
+		return err
+	}
+	s.listeners[len(s.listeners)-1].protocols = internalapi.ServerProtocols()
+	return nil
+}
+
 func (s *Server) addListener(name string, l config.Listen, h http.Handler) error {
 	lst := &listener{name: name, network: l.Network, address: l.Address, handler: h}
 	if l.CertificateFile != "" {
@@ -230,6 +265,9 @@ func (s *Server) Run(ctx context.Context) error {
 		}
 		if l.tls != nil {
 			l.srv.TLSConfig = l.tls
+		}
+		if l.protocols != nil {
+			l.srv.Protocols = l.protocols
 		}
 	}
 
@@ -284,6 +322,9 @@ func (s *Server) shutdown() {
 		}
 	})
 	wg.Wait()
+	if err := s.internal.Close(); err != nil {
+		s.log.Warn("Close the internal API", "error", err.Error())
+	}
 	s.log.Info("Shut down")
 }
 

@@ -143,6 +143,31 @@ func processRSS(pid int) (int64, error) {
 	return 0, errors.New("no VmRSS in /proc status")
 }
 
+// processCPUTime is the user+system CPU time of a process, from /proc.
+func processCPUTime(pid int) (time.Duration, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, fmt.Errorf("read CPU time (Linux /proc only): %w", err)
+	}
+	// The command name, field 2, is in parentheses and may hold spaces.
+	i := bytes.LastIndexByte(b, ')')
+	fields := strings.Fields(string(b[i+1:]))
+	if len(fields) < 13 {
+		return 0, fmt.Errorf("short /proc/%d/stat", pid)
+	}
+	// utime and stime (fields 14 and 15) are in USER_HZ ticks, 100 a second
+	// on every Linux.
+	var ticks int64
+	for _, f := range fields[11:13] {
+		n, err := strconv.ParseInt(f, 10, 64)
+		if err != nil {
+			return 0, fmt.Errorf("parse /proc/%d/stat: %w", pid, err)
+		}
+		ticks += n
+	}
+	return time.Duration(ticks) * 10 * time.Millisecond, nil
+}
+
 // snapshot is one reading of a child's memory.
 type snapshot struct {
 	heap, stack, rss int64

@@ -28,20 +28,79 @@ type target struct {
 	// authorization is sent with every request (every path gets the same
 	// headers; only kas reads it).
 	authorization string
+	// procs are the processes the path goes through, upstream included,
+	// whose CPU time is charged to it.
+	procs []*child
+}
+
+// cpuTimes is the CPU time each of the path's processes has used so far.
+func (t target) cpuTimes() ([]time.Duration, error) {
+	times := make([]time.Duration, len(t.procs))
+	for i, c := range t.procs {
+		d, err := processCPUTime(c.cmd.Process.Pid)
+		if err != nil {
+			return nil, err
+		}
+		times[i] = d
+	}
+	return times, nil
+}
+
+// cpuMeter charges the CPU time of a path's processes to measured work.
+type cpuMeter struct {
+	t     target
+	start []time.Duration
+	used  []time.Duration
+}
+
+func newCPUMeter(t target) *cpuMeter {
+	return &cpuMeter{t: t, used: make([]time.Duration, len(t.procs))}
+}
+
+func (m *cpuMeter) begin() (err error) {
+	m.start, err = m.t.cpuTimes()
+	return err
+}
+
+func (m *cpuMeter) end() error {
+	now, err := m.t.cpuTimes()
+	if err != nil {
+		return err
+	}
+	for i := range now {
+		m.used[i] += now[i] - m.start[i]
+	}
+	return nil
+}
+
+// per returns the CPU time per unit of work, in total and by process name.
+func (m *cpuMeter) per(units float64, scale time.Duration) (total float64, byProcess map[string]float64) {
+	byProcess = map[string]float64{}
+	for i, c := range m.t.procs {
+		v := float64(m.used[i]) / float64(scale) / units
+		byProcess[c.name] = v
+		total += v
+	}
+	return total, byProcess
 }
 
 func (t target) url(path string) string { return t.base + path }
 
 // smallResult is one data point of small GET requests.
 type smallResult struct {
-	Path          string  `json:"path"`
-	Concurrency   int     `json:"concurrency"`
-	Requests      int64   `json:"requests"`
-	Errors        int64   `json:"errors"`
-	RequestsPerS  float64 `json:"requests_per_second"`
-	P50Millis     float64 `json:"p50_ms"`
-	P99Millis     float64 `json:"p99_ms"`
-	LoadGenerator string  `json:"load_generator"`
+	Path         string  `json:"path"`
+	Concurrency  int     `json:"concurrency"`
+	Requests     int64   `json:"requests"`
+	Errors       int64   `json:"errors"`
+	RequestsPerS float64 `json:"requests_per_second"`
+	P50Millis    float64 `json:"p50_ms"`
+	P99Millis    float64 `json:"p99_ms"`
+	// CPUMicrosPerRequest is the CPU time the path's processes (upstream
+	// included, load generator not) spent per request: unlike requests/s it
+	// hardly depends on what else the machine was doing.
+	CPUMicrosPerRequest float64            `json:"cpu_us_per_request,omitempty"`
+	CPUByProcess        map[string]float64 `json:"cpu_us_per_request_by_process,omitempty"`
+	LoadGenerator       string             `json:"load_generator"`
 }
 
 // newClient is the load generator's HTTP/1.1 client: one keep-alive
@@ -56,76 +115,114 @@ func newClient(concurrency int) *http.Client {
 	return &http.Client{Transport: tr}
 }
 
-// runSmallGo measures GETs of smallPath with concurrency workers, each
-// sending its next request when the previous answer is read (closed loop,
-// like wrk). The first warmup of the run opens connections and is not counted.
-func runSmallGo(ctx context.Context, t target, concurrency int, warmup, duration time.Duration) (smallResult, error) {
-	client := newClient(concurrency)
-	defer client.CloseIdleConnections()
-	res := smallResult{Path: t.path, Concurrency: concurrency, LoadGenerator: "go"}
+// sliceLength is how long one path is loaded before the next path's turn.
+// The machine is shared (by the benchmark's own processes and whatever else
+// runs), so paths take turns in short slices: a burst of background load
+// then hits every path alike instead of one data point.
+const sliceLength = time.Second
 
-	start := time.Now()
-	measureFrom := start.Add(warmup)
-	end := measureFrom.Add(duration)
+// runSmallGo measures GETs of smallPath on every target with concurrency
+// workers each, each worker sending its next request when the previous answer
+// is read (closed loop, like wrk). Targets take turns in slices until each
+// has been measured for duration; warmup, first, opens the connections.
+func runSmallGo(ctx context.Context, targets []target, concurrency int, warmup, duration time.Duration) ([]smallResult, error) {
+	type pathState struct {
+		client    *http.Client
+		latencies []time.Duration
+		measured  time.Duration
+		cpu       *cpuMeter
+	}
+	states := make([]*pathState, len(targets))
+	for i := range targets {
+		states[i] = &pathState{client: newClient(concurrency), cpu: newCPUMeter(targets[i])}
+		defer states[i].client.CloseIdleConnections()
+	}
+	for i, t := range targets {
+		if _, err := loadSlice(ctx, states[i].client, t, concurrency, warmup); err != nil {
+			return nil, fmt.Errorf("%s at %d concurrent, warming up: %w", t.path, concurrency, err)
+		}
+	}
+	for left := duration; left > 0; left -= sliceLength {
+		d := min(left, sliceLength)
+		for i, t := range targets {
+			if err := states[i].cpu.begin(); err != nil {
+				return nil, err
+			}
+			lat, err := loadSlice(ctx, states[i].client, t, concurrency, d)
+			if err != nil {
+				return nil, fmt.Errorf("%s at %d concurrent: %w", t.path, concurrency, err)
+			}
+			if err := states[i].cpu.end(); err != nil {
+				return nil, err
+			}
+			states[i].latencies = append(states[i].latencies, lat...)
+			states[i].measured += d
+		}
+	}
+	results := make([]smallResult, len(targets))
+	for i, st := range states {
+		slices.Sort(st.latencies)
+		cpu, byProcess := st.cpu.per(float64(len(st.latencies)), time.Microsecond)
+		results[i] = smallResult{
+			Path:                targets[i].path,
+			Concurrency:         concurrency,
+			LoadGenerator:       "go",
+			Requests:            int64(len(st.latencies)),
+			RequestsPerS:        float64(len(st.latencies)) / st.measured.Seconds(),
+			P50Millis:           millis(percentile(st.latencies, 0.50)),
+			P99Millis:           millis(percentile(st.latencies, 0.99)),
+			CPUMicrosPerRequest: cpu,
+			CPUByProcess:        byProcess,
+		}
+	}
+	return results, nil
+}
+
+// loadSlice runs concurrency workers for d and returns the latencies of the
+// requests that completed within it. A failed request fails the slice: a
+// path that fails is not measured.
+func loadSlice(ctx context.Context, client *http.Client, t target, concurrency int, d time.Duration) ([]time.Duration, error) {
+	end := time.Now().Add(d)
 	var (
 		mu        sync.Mutex
 		latencies []time.Duration
-		firstErr  error
+		errs      []error
 		wg        sync.WaitGroup
 	)
 	for range concurrency {
 		wg.Go(func() {
-			lat := make([]time.Duration, 0, 1<<14)
-			var errs int64
-			var werr error
+			lat := make([]time.Duration, 0, 1024)
 			buf := make([]byte, 4096)
+			var err error
 			for ctx.Err() == nil {
 				t0 := time.Now()
-				if t0.After(end) {
+				if !t0.Before(end) {
 					break
 				}
-				err := getSmall(ctx, client, t, buf)
-				if t0.Before(measureFrom) {
-					if err != nil && werr == nil {
-						werr = err
-					}
-					continue
-				}
-				if err != nil {
-					errs++
-					if werr == nil {
-						werr = err
-					}
-					continue
+				if err = getSmall(ctx, client, t, buf); err != nil {
+					break
 				}
 				lat = append(lat, time.Since(t0))
 			}
 			mu.Lock()
+			defer mu.Unlock()
 			latencies = append(latencies, lat...)
-			res.Errors += errs
-			if firstErr == nil {
-				firstErr = werr
+			if err != nil {
+				errs = append(errs, err)
 			}
-			mu.Unlock()
 		})
 	}
 	wg.Wait()
 	if err := ctx.Err(); err != nil {
-		return res, err
+		return nil, err
 	}
-	res.Requests = int64(len(latencies))
-	if res.Requests == 0 {
-		return res, fmt.Errorf("%s: no request succeeded: %w", t.path, firstErr)
+	if len(errs) > 0 {
+		return nil, fmt.Errorf("%d of %d clients failed, first: %w", len(errs), concurrency, errs[0])
 	}
-	if res.Errors > 0 {
-		// A path that fails is not measured: say why rather than print a number.
-		return res, fmt.Errorf("%s at %d concurrent: %d requests failed, first: %w", t.path, concurrency, res.Errors, firstErr)
+	if len(latencies) == 0 {
+		return nil, errors.New("no request completed")
 	}
-	res.RequestsPerS = float64(res.Requests) / duration.Seconds()
-	slices.Sort(latencies)
-	res.P50Millis = millis(percentile(latencies, 0.50))
-	res.P99Millis = millis(percentile(latencies, 0.99))
-	return res, nil
+	return latencies, nil
 }
 
 func getSmall(ctx context.Context, client *http.Client, t target, buf []byte) error {
@@ -236,6 +333,10 @@ type streamResult struct {
 	Bytes     int64   `json:"bytes"`     // per transfer
 	Transfers int     `json:"transfers"`
 	MBPerS    float64 `json:"mb_per_second"` // 10^6 bytes per second
+	// CPUMillisPerGB is the CPU time the path's processes spent per 10^9
+	// bytes moved (upstream included, load generator not).
+	CPUMillisPerGB float64            `json:"cpu_ms_per_gb,omitempty"`
+	CPUByProcess   map[string]float64 `json:"cpu_ms_per_gb_by_process,omitempty"`
 }
 
 const (
@@ -262,6 +363,10 @@ func runStream(ctx context.Context, t target, direction string, size int64, dura
 	if err := transfer(); err != nil {
 		return res, fmt.Errorf("%s %s: %w", t.path, direction, err)
 	}
+	meter := newCPUMeter(t)
+	if err := meter.begin(); err != nil {
+		return res, err
+	}
 	start := time.Now()
 	for res.Transfers == 0 || time.Since(start) < duration {
 		if err := transfer(); err != nil {
@@ -269,7 +374,13 @@ func runStream(ctx context.Context, t target, direction string, size int64, dura
 		}
 		res.Transfers++
 	}
-	res.MBPerS = float64(size) * float64(res.Transfers) / time.Since(start).Seconds() / 1e6
+	elapsed := time.Since(start)
+	if err := meter.end(); err != nil {
+		return res, err
+	}
+	moved := float64(size) * float64(res.Transfers)
+	res.MBPerS = moved / elapsed.Seconds() / 1e6
+	res.CPUMillisPerGB, res.CPUByProcess = meter.per(moved/1e9, time.Millisecond)
 	return res, nil
 }
 

@@ -236,7 +236,7 @@ func runBench(ctx context.Context, s settings, profileDir string, keep bool, pro
 		return res, err
 	}
 	upstreamURL := "http://" + upstream.ready.Addr
-	targets := map[string]target{pathDirect: {path: pathDirect, base: upstreamURL}}
+	targets := map[string]target{pathDirect: {path: pathDirect, base: upstreamURL, procs: []*child{upstream}}}
 	var kas *child
 	if slices.Contains(s.Paths, pathChain) {
 		hop2, err := startChild(b, "hop2", roleHop, "-target", upstreamURL)
@@ -247,20 +247,21 @@ func runBench(ctx context.Context, s settings, profileDir string, keep bool, pro
 		if err != nil {
 			return res, err
 		}
-		targets[pathChain] = target{path: pathChain, base: "http://" + hop1.ready.Addr}
+		targets[pathChain] = target{path: pathChain, base: "http://" + hop1.ready.Addr, procs: []*child{hop1, hop2, upstream}}
 	}
 	if slices.Contains(s.Paths, pathTunnel) {
 		if kas, err = startChild(b, "kas", roleKAS, "-config", b.creds.kasConfig, "-log", b.path("kas.log")); err != nil {
 			return res, err
 		}
-		if _, err := startChild(b, "agentk", roleAgents, "-kas", "ws://"+kas.ready.Addr, "-tokens", b.creds.tokensFile,
-			"-api", upstreamURL, "-log", b.path("agentk.log")); err != nil {
+		agentk, err := startChild(b, "agentk", roleAgents, "-kas", "ws://"+kas.ready.Addr, "-tokens", b.creds.tokensFile,
+			"-api", upstreamURL, "-log", b.path("agentk.log"))
+		if err != nil {
 			return res, err
 		}
 		if err := waitForTunnels(ctx, "http://"+kas.ready.Observability+"/metrics", 1); err != nil {
 			return res, err
 		}
-		targets[pathTunnel] = target{path: pathTunnel, base: "http://" + kas.ready.Addr + "/k8s-proxy"}
+		targets[pathTunnel] = target{path: pathTunnel, base: "http://" + kas.ready.Addr + "/k8s-proxy", procs: []*child{kas, agentk, upstream}}
 	}
 	for p, t := range targets {
 		t.authorization = b.creds.bearerValue
@@ -273,19 +274,27 @@ func runBench(ctx context.Context, s settings, profileDir string, keep bool, pro
 	warmup := min(max(s.Duration/5, 500*time.Millisecond), 2*time.Second)
 	if slices.Contains(s.Tests, testSmall) {
 		for _, c := range s.Concurrency {
-			for _, p := range s.Paths {
-				step("small GET, %s, %d concurrent", p, c)
-				var r smallResult
-				if s.LoadGen == "wrk" {
-					r, err = runSmallWrk(ctx, b.dir, targets[p], c, warmup, s.Duration)
-				} else {
-					r, err = runSmallGo(ctx, targets[p], c, warmup, s.Duration)
+			if s.LoadGen == "wrk" {
+				for _, p := range s.Paths {
+					step("small GET, %s, %d concurrent (wrk)", p, c)
+					r, err := runSmallWrk(ctx, b.dir, targets[p], c, warmup, s.Duration)
+					if err != nil {
+						return res, err
+					}
+					res.Small = append(res.Small, r)
 				}
-				if err != nil {
-					return res, err
-				}
-				res.Small = append(res.Small, r)
+				continue
 			}
+			step("small GET, %d concurrent, paths taking turns", c)
+			var ts []target
+			for _, p := range s.Paths {
+				ts = append(ts, targets[p])
+			}
+			rs, err := runSmallGo(ctx, ts, c, warmup, s.Duration)
+			if err != nil {
+				return res, err
+			}
+			res.Small = append(res.Small, rs...)
 		}
 	}
 	if slices.Contains(s.Tests, testStream) {

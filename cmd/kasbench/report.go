@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strings"
 	"text/tabwriter"
 )
 
@@ -172,17 +173,19 @@ func (r *results) printTable(w io.Writer) {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
 	if len(r.Small) > 0 {
 		fmt.Fprintf(w, "\nSmall GET (%d-byte JSON answer)\n", len(smallBody))
-		fmt.Fprintln(tw, "concurrency\tpath\treq/s\tp50 ms\tp99 ms\t")
+		fmt.Fprintln(tw, "concurrency\tpath\treq/s\tp50 ms\tp99 ms\tCPU µs/req\t by process")
 		for _, x := range r.Small {
-			fmt.Fprintf(tw, "%d\t%s\t%.0f\t%.3f\t%.3f\t\n", x.Concurrency, x.Path, x.RequestsPerS, x.P50Millis, x.P99Millis)
+			fmt.Fprintf(tw, "%d\t%s\t%.0f\t%.3f\t%.3f\t%s\t %s\n", x.Concurrency, x.Path, x.RequestsPerS, x.P50Millis, x.P99Millis,
+				fmtOptional(x.CPUMicrosPerRequest), fmtByProcess(x.CPUByProcess))
 		}
 		_ = tw.Flush()
 	}
 	if len(r.Stream) > 0 {
 		fmt.Fprintf(w, "\nStreaming %d MiB bodies (MB = 10^6 bytes)\n", s.StreamBytes>>20)
-		fmt.Fprintln(tw, "direction\tpath\tMB/s\ttransfers\t")
+		fmt.Fprintln(tw, "direction\tpath\tMB/s\ttransfers\tCPU ms/GB\t by process")
 		for _, x := range r.Stream {
-			fmt.Fprintf(tw, "%s\t%s\t%.0f\t%d\t\n", x.Direction, x.Path, x.MBPerS, x.Transfers)
+			fmt.Fprintf(tw, "%s\t%s\t%.0f\t%d\t%s\t %s\n", x.Direction, x.Path, x.MBPerS, x.Transfers,
+				fmtOptional(x.CPUMillisPerGB), fmtByProcess(x.CPUByProcess))
 		}
 		_ = tw.Flush()
 	}
@@ -211,6 +214,25 @@ func (r *results) printTable(w io.Writer) {
 		}
 	}
 	fmt.Fprintln(w)
+}
+
+// fmtByProcess lists CPU by process in the path's order (alphabetical
+// would do too, but kas, agentk, upstream reads better).
+func fmtByProcess(m map[string]float64) string {
+	var parts []string
+	for _, name := range []string{"kas", "agentk", "hop1", "hop2", "upstream"} {
+		if v, ok := m[name]; ok {
+			parts = append(parts, fmt.Sprintf("%s %.0f", name, v))
+		}
+	}
+	return strings.Join(parts, " + ")
+}
+
+func fmtOptional(v float64) string {
+	if v == 0 {
+		return "-"
+	}
+	return fmt.Sprintf("%.0f", v)
 }
 
 func fmtRatio(v float64) string {

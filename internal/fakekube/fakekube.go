@@ -167,7 +167,11 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	default:
 		w.Header().Set("Content-Type", "application/json")
 		w.WriteHeader(http.StatusNotFound)
-		_, _ = fmt.Fprintf(w, `{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":"the server could not find the requested resource (fakekube: %s)","reason":"NotFound","code":404}`, strconv.Quote(r.URL.Path))
+		_ = json.NewEncoder(w).Encode(map[string]any{
+			"kind": "Status", "apiVersion": "v1", "metadata": map[string]any{}, "status": "Failure",
+			"message": fmt.Sprintf("the server could not find the requested resource (fakekube: %q)", r.URL.Path),
+			"reason":  "NotFound", "code": http.StatusNotFound,
+		})
 	}
 }
 

@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"net/url"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -74,6 +75,13 @@ type ClientOptions struct {
 	// CacheSize caps the entries of each cache (DefaultCacheSize).
 	CacheSize int
 
+	// RepositoryTokenFile is gitlab.repository_token_file: a file holding
+	// a token with read_repository access to agents' configuration
+	// projects, sent as PRIVATE-TOKEN to the repository files API. It is
+	// read on every fetch, so a rotated token takes effect without a
+	// restart. Empty means no token (public projects only).
+	RepositoryTokenFile string
+
 	// Logger receives transport failures (with hints) and the agent_info
 	// path fallback; nil discards them.
 	Logger *slog.Logger
@@ -94,6 +102,7 @@ type Client struct {
 	timeout   time.Duration
 	userAgent string
 	log       *slog.Logger
+	tokenFile string // gitlab.repository_token_file, "" for none
 
 	agentInfoPath atomic.Int32 // which agent_info path GitLab serves: agentInfoPath*
 	flight        singleflight.Group
@@ -164,6 +173,7 @@ func NewClient(opts ClientOptions) (*Client, error) {
 		http:          &http.Client{Transport: transport, Timeout: timeout},
 		timeout:       timeout,
 		userAgent:     userAgent,
+		tokenFile:     opts.RepositoryTokenFile,
 		log:           logger,
 		agentInfo:     newCache(orDefault(opts.AgentInfoTTL, DefaultAgentInfoTTL), orDefault(opts.AgentInfoErrorTTL, DefaultAgentInfoErrorTTL), size, now),
 		proxyUser:     newCache(orDefault(opts.AllowedAgentTTL, DefaultAllowedAgentTTL), orDefault(opts.AllowedAgentErrorTTL, DefaultAllowedAgentErrorTTL), size, now),
@@ -322,7 +332,10 @@ func (c *Client) cached(ctx context.Context, op string, cache *cache, key string
 // if not nil, is sent as JSON; a 2xx answer is decoded into check, if not
 // nil, to refuse a malformed body before anyone caches it.
 func (c *Client) call(ctx context.Context, op, method, path string, setHeader func(http.Header), reqBody, check any) ([]byte, error) {
-	u := c.base.JoinPath(path).String()
+	p, query, _ := strings.Cut(path, "?") // JoinPath would escape the '?'
+	target := c.base.JoinPath(p)
+	target.RawQuery = query
+	u := target.String()
 	var body io.Reader
 	if reqBody != nil {
 		b, err := json.Marshal(reqBody)

@@ -167,7 +167,9 @@ func writeJSONError(w http.ResponseWriter, httpCode int, code, message string) {
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("X-Content-Type-Options", "nosniff")
 	w.WriteHeader(httpCode)
-	_ = json.NewEncoder(w).Encode(struct {
+	enc := json.NewEncoder(w)
+	enc.SetEscapeHTML(false) // messages quote URLs; keep & and < readable in curl
+	_ = enc.Encode(struct {
 		Error string `json:"error"`
 		Code  string `json:"code"`
 	}{message, code})

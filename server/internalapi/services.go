@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"strconv"
 	"strings"
@@ -84,7 +85,7 @@ func (s *agentTrackerService) byAgentIDs(ctx context.Context, ids []int64) ([]*g
 		// means none wanted.
 		return nil, nil
 	}
-	tunnels, err := s.tunnels(ctx, ids...)
+	tunnels, err := s.tunnels(ctx, slices.Collect(maps.Keys(agents))...)
 	if err != nil {
 		return nil, err
 	}
@@ -101,7 +102,8 @@ func (s *agentTrackerService) tunnels(ctx context.Context, agentIDs ...int64) ([
 	return tunnels, nil
 }
 
-// idSet checks that every ID is positive and returns them as a set.
+// idSet checks that every ID is positive and returns them as a set, which
+// also drops duplicates.
 func idSet(field string, ids []int64) (map[int64]bool, error) {
 	set := make(map[int64]bool, len(ids))
 	for i, id := range ids {
@@ -113,7 +115,7 @@ func idSet(field string, ids []int64) (map[int64]bool, error) {
 	return set, nil
 }
 
-// connectedAgents converts the tunnels keep says yes to, ordered by agent
+// connectedAgents converts the tunnels keep accepts, ordered by agent
 // and connection so answers are stable.
 func connectedAgents(tunnels []registry.TunnelInfo, keep func(registry.TunnelInfo) bool) []*gitlabpb.ConnectedAgentInfo {
 	var agents []*gitlabpb.ConnectedAgentInfo

@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -118,6 +119,9 @@ func NewServer(opts ServerOptions) (*Server, error) {
 		grpc.InitialConnWindowSize(connWindow),
 		grpc.ReadBufferSize(ioBufferSize),
 		grpc.WriteBufferSize(ioBufferSize),
+		// Reused goroutines keep their grown stacks; a new goroutine per
+		// stream would grow its stack again for every request.
+		grpc.NumStreamWorkers(uint32(runtime.GOMAXPROCS(0))),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{
 			MinTime:             keepaliveMinTime,
 			PermitWithoutStream: true,

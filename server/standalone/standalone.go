@@ -69,6 +69,9 @@
 // are read when a decision needs them and cached until they change on disk,
 // so edits take effect without a restart; a malformed file makes the
 // decisions that need it fail with its line (never a silent refusal).
+// GetRepositoryFile and ListAgentConfigFiles serve the repository directories
+// as GitLab's repository files API does, for the configuration manager
+// (server/agentconfig) and the internal API's ListAgentConfigFiles.
 //
 // # Decisions, as GitLab makes them
 //

@@ -46,6 +46,13 @@ type Options struct {
 	NodeURLs []string
 	// Registerer receives the endpoint's metrics; nil means none.
 	Registerer prometheus.Registerer
+	// OnConnect, if set, is told about each tunnel once it is registered,
+	// with the agent's identity from GitLab (e.g. so the agent gets its
+	// configuration); OnDisconnect once the tunnel is unregistered, always
+	// after its OnConnect. Both run on the tunnel's goroutine and must
+	// return quickly.
+	OnConnect    func(agent gitlab.AgentInfo, t registry.Tunnel)
+	OnDisconnect func(t registry.Tunnel)
 }
 
 // Endpoint serves agents' WebSocket connections on /-/kubernetes-agent/.
@@ -53,6 +60,7 @@ type Endpoint struct {
 	opts      Options
 	upgrader  websocket.Upgrader
 	transport *http2.Transport
+	bodies    protocol.BulkBodies
 	limiter   *tokenLimiter
 	nextID    atomic.Int64
 
@@ -184,8 +192,9 @@ func (e *Endpoint) serveTunnel(log *slog.Logger, ws *websocket.Conn, info *gitla
 		return
 	}
 	t := &Tunnel{
-		cc:   cc,
-		conn: conn,
+		cc:     cc,
+		conn:   conn,
+		bodies: &e.bodies,
 		info: registry.TunnelInfo{
 			AgentID:           info.AgentID,
 			ProjectID:         info.ProjectID,
@@ -215,6 +224,9 @@ func (e *Endpoint) serveTunnel(log *slog.Logger, ws *websocket.Conn, info *gitla
 	e.attempts.WithLabelValues("connected").Inc()
 	e.connected.Inc()
 	log.Info("Agent connected", "agent_version", t.info.AgentVersion, "pod", t.info.PodNamespace+"/"+t.info.PodName)
+	if e.opts.OnConnect != nil {
+		e.opts.OnConnect(*info, t)
+	}
 
 	maxAge := time.NewTimer(jitter(e.opts.MaxConnectionAge))
 	defer maxAge.Stop()
@@ -227,6 +239,9 @@ func (e *Endpoint) serveTunnel(log *slog.Logger, ws *websocket.Conn, info *gitla
 	// Unregister first so no new request picks this tunnel while it drains.
 	if err := e.opts.Registry.Unregister(ctx, t); err != nil {
 		log.Error("Unregister agent tunnel", "error", err.Error())
+	}
+	if e.opts.OnDisconnect != nil {
+		e.opts.OnDisconnect(t)
 	}
 	e.connected.Dec()
 	e.drain(t)

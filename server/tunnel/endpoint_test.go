@@ -307,3 +307,44 @@ func TestEndpointMaxConnectionAgeIsGraceful(t *testing.T) {
 		t.Fatal("tunnel not closed after draining")
 	}
 }
+
+func TestEndpointConnectHooks(t *testing.T) {
+	type event struct {
+		kind   string
+		agent  gitlab.AgentInfo
+		tunnel registry.Tunnel
+	}
+	events := make(chan event, 2)
+	f := newFixture(t, func(o *Options) {
+		o.OnConnect = func(agent gitlab.AgentInfo, t registry.Tunnel) { events <- event{"connect", agent, t} }
+		o.OnDisconnect = func(t registry.Tunnel) { events <- event{"disconnect", gitlab.AgentInfo{}, t} }
+	})
+	_, ws, err := f.dial(t, "good-token", protocol.Subprotocol, http.NotFoundHandler())
+	if err != nil {
+		t.Fatal(err)
+	}
+	next := func() event {
+		t.Helper()
+		select {
+		case ev := <-events:
+			return ev
+		case <-time.After(5 * time.Second):
+			t.Fatal("no hook called")
+			return event{}
+		}
+	}
+	connected := next()
+	if connected.kind != "connect" || connected.agent.AgentID != 1 || connected.agent.AgentName != "prod" || connected.agent.ProjectID != 100 {
+		t.Fatalf("first event %s with agent %+v, want connect of agent 1 (prod, project 100)", connected.kind, connected.agent)
+	}
+	if registered := f.waitTunnel(t, 1); connected.tunnel != registered {
+		t.Fatal("OnConnect got another tunnel than the registered one")
+	}
+	_ = ws.Close()
+	if ev := next(); ev.kind != "disconnect" || ev.tunnel != connected.tunnel {
+		t.Fatalf("second event %s, want disconnect of the connected tunnel", ev.kind)
+	}
+	if _, ok := f.registry.FindLocal(1); ok {
+		t.Fatal("tunnel still registered when OnDisconnect ran")
+	}
+}

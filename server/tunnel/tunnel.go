@@ -22,9 +22,10 @@ import (
 // Tunnel is one agent connection: an HTTP/2 client connection over the
 // agent's WebSocket. It implements registry.Tunnel.
 type Tunnel struct {
-	info registry.TunnelInfo
-	cc   *http2.ClientConn
-	conn *notifyConn
+	info   registry.TunnelInfo
+	cc     *http2.ClientConn
+	conn   *notifyConn
+	bodies *protocol.BulkBodies // shared by the endpoint's tunnels
 }
 
 // Info describes the connection.
@@ -55,10 +56,15 @@ func (t *Tunnel) Close() error { return t.cc.Close() }
 // httputil.ReverseProxy needs to splice the caller's connection.
 func (t *Tunnel) RoundTrip(req *http.Request) (*http.Response, error) {
 	upgrade := upgradeType(req.Header)
-	if upgrade == "" {
-		return t.cc.RoundTrip(req)
+	if upgrade != "" {
+		return t.roundTripUpgrade(req, upgrade)
 	}
-	return t.roundTripUpgrade(req, upgrade)
+	resp, err := t.cc.RoundTrip(req)
+	if err != nil {
+		return nil, err
+	}
+	resp.Body = t.bodies.Wrap(resp.Body, resp.ContentLength)
+	return resp, nil
 }
 
 func (t *Tunnel) roundTripUpgrade(req *http.Request, upgrade string) (*http.Response, error) {

@@ -13,6 +13,9 @@
 //	GET  /api/v4/job/allowed_agents                 (Job-Token: <job token>)
 //	POST /api/v4/internal/kubernetes/agent_configuration  → 204, recorded
 //	POST /api/v4/internal/kubernetes/usage_metrics        → 204, recorded
+//	GET  /api/v4/projects/:id/repository/files/:file_path/raw?ref=<ref>
+//	     (the public repository files API: files set with SetRepositoryFile,
+//	     PRIVATE-TOKEN checked when SetRepositoryToken was called)
 //
 // Backend errors wrapping gitlab.ErrUnauthorized, ErrForbidden and
 // ErrNotFound become 401, 403 and 404; a *gitlab.Error with another status
@@ -38,6 +41,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -63,6 +67,9 @@ type Server struct {
 	failures map[string]*Failure
 	configs  []gitlab.AgentConfigurationRequest
 	metrics  []gitlab.UsageMetrics
+	// files are repository files by project ID, ref and path.
+	files     map[int64]map[string]map[string][]byte
+	repoToken string // required PRIVATE-TOKEN, "" for none
 }
 
 // Request is one request the server received, as it arrived.
@@ -117,6 +124,7 @@ func New(t testing.TB, secret []byte, backend gitlab.API, opts ...Option) *Serve
 		backend:  backend,
 		calls:    make(map[string]int),
 		failures: make(map[string]*Failure),
+		files:    make(map[int64]map[string]map[string][]byte),
 	}
 	mux := http.NewServeMux()
 	if !o.legacyOnly {
@@ -127,6 +135,7 @@ func New(t testing.TB, secret []byte, backend gitlab.API, opts ...Option) *Serve
 	mux.HandleFunc("GET "+gitlab.PathAllowedAgents, s.allowedAgents)
 	mux.HandleFunc("POST "+gitlab.PathAgentConfiguration, s.agentConfiguration)
 	mux.HandleFunc("POST "+gitlab.PathUsageMetrics, s.usageMetrics)
+	mux.HandleFunc("GET /api/v4/projects/{id}/repository/files/{file_path}/raw", s.repositoryFile)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		// Grape's answer for a route it does not have.
 		writeJSON(w, http.StatusNotFound, map[string]string{"error": "404 Not Found"})
@@ -185,6 +194,39 @@ func (s *Server) UsageMetrics() []gitlab.UsageMetrics {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return append([]gitlab.UsageMetrics(nil), s.metrics...)
+}
+
+// SetRepositoryFile stores content as filePath at ref in project
+// projectID's repository, for the raw repository file endpoint; nil content
+// removes the file but keeps the project and ref. A project without files
+// answers "404 Project Not Found", a ref without files "404 Commit Not
+// Found", a missing file "404 File Not Found", as GitLab does.
+func (s *Server) SetRepositoryFile(projectID int64, ref, filePath string, content []byte) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	refs := s.files[projectID]
+	if refs == nil {
+		refs = make(map[string]map[string][]byte)
+		s.files[projectID] = refs
+	}
+	files := refs[ref]
+	if files == nil {
+		files = make(map[string][]byte)
+		refs[ref] = files
+	}
+	if content == nil {
+		delete(files, filePath)
+		return
+	}
+	files[filePath] = bytes.Clone(content)
+}
+
+// SetRepositoryToken makes the repository files API require PRIVATE-TOKEN:
+// token (401 otherwise); "" accepts any request.
+func (s *Server) SetRepositoryToken(token string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.repoToken = token
 }
 
 // Fail injects f for the next requests to path (an exact path such as
@@ -304,6 +346,44 @@ func (s *Server) allowedAgents(w http.ResponseWriter, r *http.Request) {
 	}
 	resp, err := s.backend.GetAllowedAgentsForJob(r.Context(), token)
 	answer(w, resp, err)
+}
+
+// repositoryFile serves GET /api/v4/projects/:id/repository/files/:file_path/raw.
+func (s *Server) repositoryFile(w http.ResponseWriter, r *http.Request) {
+	s.mu.Lock()
+	required := s.repoToken
+	s.mu.Unlock()
+	if required != "" && r.Header.Get(gitlab.HeaderPrivateToken) != required {
+		writeError(w, http.StatusUnauthorized, "")
+		return
+	}
+	ref := r.URL.Query().Get("ref")
+	if ref == "" {
+		writeError(w, http.StatusBadRequest, "ref is missing")
+		return
+	}
+	id, err := strconv.ParseInt(r.PathValue("id"), 10, 64)
+	if err != nil {
+		writeError(w, http.StatusNotFound, "404 Project Not Found")
+		return
+	}
+	s.mu.Lock()
+	refs, projectOK := s.files[id]
+	files, refOK := refs[ref]
+	content, fileOK := files[r.PathValue("file_path")]
+	content = bytes.Clone(content)
+	s.mu.Unlock()
+	switch {
+	case !projectOK:
+		writeError(w, http.StatusNotFound, "404 Project Not Found")
+	case !refOK:
+		writeError(w, http.StatusNotFound, "404 Commit Not Found")
+	case !fileOK:
+		writeError(w, http.StatusNotFound, "404 File Not Found")
+	default:
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		_, _ = w.Write(content) // the client may have gone; nothing to do
+	}
 }
 
 // agentConfiguration records the post and passes it on to a backend that

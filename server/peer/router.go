@@ -1,0 +1,603 @@
+package peer
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/textproto"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/net/http/httpguts"
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/kasproject/kas/registry"
+	"github.com/kasproject/kas/server/correlation"
+	"github.com/kasproject/kas/server/peer/peerpb"
+	"github.com/kasproject/kas/tlsutil"
+)
+
+// RouterOptions configure a Router.
+type RouterOptions struct {
+	// Registry finds tunnels: this node's (FindLocal), other nodes'
+	// (FindRemote), and wakes waiting requests (WaitForAgent).
+	Registry registry.Registry
+	// Secret is the private API secret (32 bytes) the calls' JWTs are
+	// signed with; every node must have the same.
+	Secret []byte
+	// TLS is the client configuration for grpcs:// peers, normally
+	// tlsutil.ClientConfig(SSL_CERT_DIR, private_api.listen.ca_certificate_file);
+	// nil trusts the system pool.
+	TLS *tls.Config
+	// ServerName is the name every peer's certificate must carry
+	// (OWN_PRIVATE_API_HOST); "" means the host of the URL dialled.
+	ServerName string
+	Logger     *slog.Logger
+	// Registerer receives the router's metrics; nil means none.
+	Registerer prometheus.Registerer
+}
+
+// Router finds a way to an agent: one of this node's tunnels if it has one,
+// otherwise a node that holds one, reached over the private API. It
+// implements k8sproxy.Router. Close it to close its peer connections.
+type Router struct {
+	opts    RouterOptions
+	pool    *connPool
+	buffers *bufferPool
+	// next rotates which node an agent's requests try first, spreading
+	// them over the nodes holding its tunnels.
+	next    atomic.Uint32
+	metrics routerMetrics
+}
+
+// routerMetrics are the router's counters, resolved once.
+type routerMetrics struct {
+	ok, noTunnel, failed, canceled                      prometheus.Counter
+	failNoTunnel, failUnreachable, failRefused, failURL prometheus.Counter
+}
+
+// Reasons one peer could not take a request; each lets the router try the
+// next URL (or, for noTunnel, the next node).
+const (
+	reasonNoTunnel    = "no_tunnel"
+	reasonUnreachable = "unreachable"
+	reasonRefused     = "refused"
+	reasonBadURL      = "bad_url"
+)
+
+// NewRouter returns a router; it connects to peers when first needed.
+func NewRouter(opts RouterOptions) (*Router, error) {
+	if opts.Registry == nil || opts.Logger == nil {
+		return nil, errors.New("private API router: Registry and Logger are required")
+	}
+	if len(opts.Secret) == 0 {
+		return nil, errors.New("private API router: no secret; set private_api.listen.authentication_secret_file")
+	}
+	forwards := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "kas_peer_forwards_total",
+		Help: "Requests this node forwarded to another kas node, by result.",
+	}, []string{"result"})
+	failures := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "kas_peer_forward_failures_total",
+		Help: "Attempts to forward a request to a kas node that failed before the request was handed over, by reason; the next node or URL is tried.",
+	}, []string{"reason"})
+	conns := prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "kas_peer_connections",
+		Help: "Connections this node keeps open to other kas nodes' private APIs.",
+	})
+	if opts.Registerer != nil {
+		for _, c := range []prometheus.Collector{forwards, failures, conns} {
+			if err := opts.Registerer.Register(c); err != nil {
+				return nil, fmt.Errorf("register private API router metrics: %w", err)
+			}
+		}
+	}
+	return &Router{
+		opts:    opts,
+		pool:    newConnPool(newTokenSource(opts.Secret), opts.TLS, opts.ServerName, conns),
+		buffers: newBufferPool(),
+		metrics: routerMetrics{
+			ok:              forwards.WithLabelValues("ok"),
+			noTunnel:        forwards.WithLabelValues("no_tunnel"),
+			failed:          forwards.WithLabelValues("error"),
+			canceled:        forwards.WithLabelValues("canceled"),
+			failNoTunnel:    failures.WithLabelValues(reasonNoTunnel),
+			failUnreachable: failures.WithLabelValues(reasonUnreachable),
+			failRefused:     failures.WithLabelValues(reasonRefused),
+			failURL:         failures.WithLabelValues(reasonBadURL),
+		},
+	}, nil
+}
+
+// Close closes the connections to other nodes, failing requests in flight
+// through them.
+func (r *Router) Close() error { return r.pool.close() }
+
+// Route returns a transport to the agent: a local tunnel, or one that
+// forwards to the nodes holding the agent's tunnels. With neither, it waits
+// for the agent to connect anywhere, up to ctx's deadline.
+func (r *Router) Route(ctx context.Context, agentID int64) (http.RoundTripper, error) {
+	for {
+		if t, ok := r.opts.Registry.FindLocal(agentID); ok {
+			return t, nil
+		}
+		nodes, err := r.opts.Registry.FindRemote(ctx, agentID)
+		if err != nil {
+			return nil, fmt.Errorf("look up kas nodes with a tunnel for agent %d: %w", agentID, err)
+		}
+		for _, urls := range nodes {
+			if len(urls) > 0 {
+				return &remoteAgent{r: r, agentID: agentID, nodes: nodes}, nil
+			}
+		}
+		if err := r.opts.Registry.WaitForAgent(ctx, agentID); err != nil {
+			return nil, fmt.Errorf("wait for agent %d: %w", agentID, err)
+		}
+	}
+}
+
+// remoteAgent forwards requests for one agent to the nodes holding its
+// tunnels.
+type remoteAgent struct {
+	r       *Router
+	agentID int64
+	nodes   [][]string
+}
+
+func (ra *remoteAgent) RoundTrip(req *http.Request) (*http.Response, error) {
+	return ra.r.forward(req, ra.agentID, ra.nodes)
+}
+
+// forward sends req to the first node that takes it. Each node's URLs are
+// tried in turn until one answers; a node that answers it has no tunnel
+// sends the request on to the next node. Once a node has taken the request
+// there is no retry: the agent may have acted on it.
+func (r *Router) forward(req *http.Request, agentID int64, nodes [][]string) (*http.Response, error) {
+	ctx := req.Context()
+	upgrade := isUpgrade(req.Header)
+	bufp := r.buffers.get()
+	defer r.buffers.put(bufp)
+	head, err := newRequestHead(req, agentID, upgrade, *bufp)
+	if err != nil {
+		r.metrics.failed.Inc()
+		return nil, err
+	}
+	// A body not sent inline waits until a node takes the request, so it is
+	// still unread whenever a node is skipped.
+	bodyPending := !head.EndOfBody
+	var failures []error
+	start := int(r.next.Add(1))
+	for i := range nodes {
+		urls := nodes[(start+i)%len(nodes)]
+		for _, u := range urls {
+			resp, err := r.attempt(req, u, head, upgrade)
+			if err == nil {
+				r.metrics.ok.Inc()
+				return resp, nil
+			}
+			var skip *skipError
+			if !errors.As(err, &skip) {
+				if ctx.Err() != nil {
+					r.metrics.canceled.Inc()
+				} else {
+					r.metrics.failed.Inc()
+				}
+				return nil, err
+			}
+			r.noteSkip(skip, agentID, head.CorrelationId)
+			failures = append(failures, skip)
+			if skip.reason == reasonNoTunnel {
+				break // the node answered; its other URLs lead to the same node
+			}
+		}
+		if ctx.Err() != nil {
+			r.metrics.canceled.Inc()
+			if bodyPending {
+				_ = req.Body.Close()
+			}
+			return nil, fmt.Errorf("forward request to agent %d: %w", agentID, ctx.Err())
+		}
+	}
+	// No node took it. The agent may have reconnected to this node since
+	// Route looked.
+	if t, ok := r.opts.Registry.FindLocal(agentID); ok {
+		local := req
+		if !bodyPending && len(head.Body) > 0 {
+			local = req.Clone(ctx)
+			// head.Body is a pooled buffer, reused once forward returns.
+			local.Body = io.NopCloser(bytes.NewReader(bytes.Clone(head.Body)))
+		}
+		return t.RoundTrip(local)
+	}
+	r.metrics.noTunnel.Inc()
+	if bodyPending {
+		_ = req.Body.Close()
+	}
+	return nil, fmt.Errorf("forward request to agent %d: %w: no kas node took the request (%w)",
+		agentID, registry.ErrNoTunnel, errors.Join(failures...))
+}
+
+func (r *Router) noteSkip(skip *skipError, agentID int64, correlationID string) {
+	log := r.opts.Logger.With("agent_id", agentID, "correlation_id", correlationID, "kas_url", skip.url)
+	switch skip.reason {
+	case reasonNoTunnel:
+		r.metrics.failNoTunnel.Inc()
+		log.Debug("kas node has no tunnel for the agent; trying the next node")
+	case reasonUnreachable:
+		r.metrics.failUnreachable.Inc()
+		log.Warn("kas node unreachable over the private API; trying the next one", "error", skip.Error())
+	case reasonRefused:
+		r.metrics.failRefused.Inc()
+		log.Error("kas node refused the private API call; trying the next one", "error", skip.Error())
+	case reasonBadURL:
+		r.metrics.failURL.Inc()
+		log.Error("kas node published an unusable private API URL", "error", skip.Error())
+	}
+}
+
+// skipError is a failure that left the request unsent, so another URL or
+// node can take it.
+type skipError struct {
+	url    string
+	reason string
+	err    error
+}
+
+func (e *skipError) Error() string { return fmt.Sprintf("kas node %s: %v", e.url, e.err) }
+func (e *skipError) Unwrap() error { return e.err }
+
+// newRequestHead describes req for the peer. A body up to chunkSize is read
+// into buf and sent inline; a larger or unknown one follows in data
+// messages. An upgrade's body is the upgraded stream, sent after the 101.
+func newRequestHead(req *http.Request, agentID int64, upgrade bool, buf []byte) (*peerpb.RequestHead, error) {
+	head := &peerpb.RequestHead{
+		AgentId:       agentID,
+		Method:        req.Method,
+		Path:          req.URL.Path,
+		RawPath:       req.URL.RawPath,
+		RawQuery:      req.URL.RawQuery,
+		Headers:       headersToPB(req.Header),
+		ContentLength: req.ContentLength,
+		CorrelationId: correlation.FromContext(req.Context()),
+	}
+	if head.Method == "" {
+		head.Method = http.MethodGet
+	}
+	if head.Path == "" {
+		head.Path = "/"
+	}
+	if head.CorrelationId == "" {
+		head.CorrelationId = req.Header.Get(correlation.Header)
+	}
+	switch {
+	case req.Body == nil || req.Body == http.NoBody || upgrade:
+		head.EndOfBody = true
+		head.ContentLength = 0
+		if req.Body != nil {
+			_ = req.Body.Close()
+		}
+	case req.ContentLength > 0 && req.ContentLength <= int64(len(buf)):
+		n, err := io.ReadFull(req.Body, buf[:req.ContentLength])
+		_ = req.Body.Close()
+		if err != nil {
+			return nil, fmt.Errorf("read request body (%d of %d bytes): %w", n, req.ContentLength, err)
+		}
+		head.EndOfBody = true
+		head.Body = buf[:n]
+	case req.ContentLength == 0:
+		head.ContentLength = -1 // a client request's body of length 0 is of unknown length
+	}
+	return head, nil
+}
+
+func isUpgrade(h http.Header) bool {
+	return httpguts.HeaderValuesContainsToken(h["Connection"], "Upgrade")
+}
+
+// errCallDone is the cancellation cause of a call that ended normally.
+var errCallDone = errors.New("forwarded request finished")
+
+// call is one request forwarded over one stream. It is also the response
+// body: reading it receives data messages.
+type call struct {
+	r       *Router
+	pc      *peerConn
+	agentID int64
+	reqCtx  context.Context
+	ctx     context.Context
+	cancel  context.CancelCauseFunc
+	stream  grpc.BidiStreamingClient[peerpb.ClientMessage, peerpb.ServerMessage]
+	once    sync.Once
+
+	// Response body state, used by the reading goroutine only.
+	msg     peerpb.ServerMessage
+	rest    []byte
+	trailer http.Header
+	done    bool // the head carried the whole body
+	err     error
+}
+
+// attempt forwards req to the node at rawURL. A *skipError means the node
+// did not take the request and it can go elsewhere.
+func (r *Router) attempt(req *http.Request, rawURL string, head *peerpb.RequestHead, upgrade bool) (*http.Response, error) {
+	pc, err := r.pool.get(rawURL)
+	if err != nil {
+		return nil, &skipError{url: rawURL, reason: reasonBadURL, err: err}
+	}
+	bodySent := false
+	// A request that fails here for good still owes its body a Close
+	// (http.RoundTripper's contract) unless sendBody has it.
+	fatal := func(err error) (*http.Response, error) {
+		if !head.EndOfBody && !bodySent {
+			_ = req.Body.Close()
+		}
+		return nil, err
+	}
+	c := &call{r: r, pc: pc, agentID: head.AgentId, reqCtx: req.Context()}
+	c.ctx, c.cancel = context.WithCancelCause(c.reqCtx)
+	c.stream, err = pc.client.RoundTrip(c.ctx)
+	if err != nil {
+		c.finish()
+		if c.reqCtx.Err() != nil {
+			return fatal(c.failure(err))
+		}
+		return nil, &skipError{url: rawURL, reason: reasonUnreachable, err: explainDialError(err)}
+	}
+	// An error here means the stream has ended; RecvMsg below says why.
+	_ = c.stream.SendMsg(&peerpb.ClientMessage{Msg: &peerpb.ClientMessage_Head{Head: head}})
+	switch {
+	case !head.EndOfBody:
+		if md, _ := c.stream.Header(); md != nil { // the node has a tunnel
+			bodySent = true
+			go c.sendBody(req.Body)
+		}
+	case !upgrade:
+		_ = c.stream.CloseSend()
+	}
+	if err := c.stream.RecvMsg(&c.msg); err != nil {
+		c.finish()
+		if !bodySent && c.reqCtx.Err() == nil {
+			if reason := skipReason(err); reason != "" {
+				return nil, &skipError{url: rawURL, reason: reason, err: err}
+			}
+		}
+		return fatal(c.failure(err))
+	}
+	rh := c.msg.GetHead()
+	if rh == nil || rh.StatusCode < 100 || rh.StatusCode > 999 {
+		c.finish()
+		return fatal(fmt.Errorf("forward request to agent %d via kas node %s: the node's answer does not start with a valid response head", c.agentID, rawURL))
+	}
+	return c.response(req, rh, upgrade), nil
+}
+
+// skipReason says whether a call that failed before the body was sent can
+// go to another node: the node has no tunnel, or refused the call before
+// looking at it (wrong secret, an older kas without this API).
+func skipReason(err error) string {
+	st := status.Convert(err)
+	switch st.Code() {
+	case codes.NotFound:
+		for _, d := range st.Details() {
+			if info, ok := d.(*errdetails.ErrorInfo); ok && info.Domain == ErrorDomain && info.Reason == ReasonNoTunnel {
+				return reasonNoTunnel
+			}
+		}
+	case codes.Unauthenticated, codes.PermissionDenied, codes.Unimplemented:
+		return reasonRefused
+	}
+	return ""
+}
+
+// explainDialError adds the fix to TLS failures an operator can fix.
+func explainDialError(err error) error {
+	msg := err.Error()
+	switch {
+	case tlsutil.IsUnknownAuthority(err):
+		return fmt.Errorf("%w (add the CA of the nodes' certificates to private_api.listen.ca_certificate_file or SSL_CERT_DIR)", err)
+	case strings.Contains(msg, "certificate is valid for") || strings.Contains(msg, "certificate is not valid for"):
+		return fmt.Errorf("%w (OWN_PRIVATE_API_HOST must be a name in the nodes' certificates)", err)
+	case strings.Contains(msg, "error reading server preface"):
+		return fmt.Errorf("%w (if the node's private API uses TLS, its URL must be grpcs://)", err)
+	case strings.Contains(msg, "first record does not look like a TLS handshake"):
+		return fmt.Errorf("%w (the node's private API does not use TLS; its URL must be grpc://)", err)
+	}
+	return err
+}
+
+// response makes the *http.Response for head; its body reads the stream.
+func (c *call) response(req *http.Request, head *peerpb.ResponseHead, upgrade bool) *http.Response {
+	code := int(head.StatusCode)
+	resp := &http.Response{
+		Status:        strconv.Itoa(code) + " " + http.StatusText(code),
+		StatusCode:    code,
+		Proto:         "HTTP/2.0",
+		ProtoMajor:    2,
+		Header:        headersFromPB(head.Headers),
+		ContentLength: head.ContentLength,
+		Request:       req,
+		Body:          c,
+	}
+	if len(head.TrailerNames) > 0 {
+		resp.Trailer = make(http.Header, len(head.TrailerNames))
+		for _, name := range head.TrailerNames {
+			resp.Trailer[textproto.CanonicalMIMEHeaderKey(name)] = nil
+		}
+		c.trailer = resp.Trailer
+	}
+	if head.EndOfBody {
+		c.done = true
+		c.rest = head.Body
+		c.setTrailers(head.Trailers)
+	}
+	if code == http.StatusSwitchingProtocols && upgrade {
+		u := &upgradedBody{call: c}
+		u.send.Msg = &u.data
+		resp.Body = u
+	}
+	return resp
+}
+
+func (c *call) setTrailers(hs []*peerpb.Header) {
+	if len(hs) == 0 {
+		return
+	}
+	if c.trailer == nil {
+		c.trailer = http.Header{} // not announced: nobody reads it, but keep it well-formed
+	}
+	for name, values := range headersFromPB(hs) {
+		c.trailer[name] = values
+	}
+}
+
+// Read returns the response body as it arrives.
+func (c *call) Read(p []byte) (int, error) {
+	for len(c.rest) == 0 {
+		if c.err != nil {
+			return 0, c.err
+		}
+		if err := c.stream.RecvMsg(&c.msg); err != nil {
+			c.finish()
+			if err == io.EOF {
+				c.err = io.EOF
+			} else {
+				c.err = c.failure(err)
+			}
+			continue
+		}
+		switch m := c.msg.Msg.(type) {
+		case *peerpb.ServerMessage_Data:
+			if c.done {
+				c.fail("body data after a complete response")
+				continue
+			}
+			c.rest = m.Data
+		case *peerpb.ServerMessage_Trailer:
+			c.setTrailers(m.Trailer.GetHeaders())
+		default:
+			c.fail("a second response head")
+		}
+	}
+	n := copy(p, c.rest)
+	c.rest = c.rest[n:]
+	return n, nil
+}
+
+// Close ends the call; if the response is not complete, the stream is
+// cancelled, which cancels the request on the other node and the agent.
+func (c *call) Close() error {
+	c.finish()
+	return nil
+}
+
+// finish releases the stream and the connection; it may run concurrently
+// with Read and Write, which then fail.
+func (c *call) finish() {
+	c.once.Do(func() {
+		c.cancel(errCallDone)
+		c.r.pool.release(c.pc)
+	})
+}
+
+func (c *call) fail(what string) {
+	c.finish()
+	c.err = fmt.Errorf("forward request to agent %d via kas node %s: the node sent %s", c.agentID, c.pc.url, what)
+}
+
+// failure describes why the stream ended: the caller's own cancellation as
+// its context error (so the proxy can tell timeouts from failures), a
+// request body that could not be read, or the node's status.
+func (c *call) failure(err error) error {
+	if ctxErr := c.reqCtx.Err(); ctxErr != nil {
+		return fmt.Errorf("forward request to agent %d via kas node %s: %w", c.agentID, c.pc.url, ctxErr)
+	}
+	if cause := context.Cause(c.ctx); cause != nil && cause != errCallDone && !errors.Is(cause, context.Canceled) {
+		return fmt.Errorf("forward request to agent %d via kas node %s: %w", c.agentID, c.pc.url, cause)
+	}
+	return fmt.Errorf("forward request to agent %d via kas node %s: %w", c.agentID, c.pc.url, err)
+}
+
+// sendBody streams the request body after the node took the request.
+func (c *call) sendBody(body io.ReadCloser) {
+	defer body.Close()
+	bufp := c.r.buffers.get()
+	defer c.r.buffers.put(bufp)
+	buf := *bufp
+	data := &peerpb.ClientMessage_Data{}
+	msg := &peerpb.ClientMessage{Msg: data}
+	for {
+		n, err := body.Read(buf)
+		if n > 0 {
+			data.Data = buf[:n]
+			if c.stream.SendMsg(msg) != nil {
+				return // the stream ended; the response side reports why
+			}
+		}
+		if err == io.EOF {
+			_ = c.stream.CloseSend()
+			return
+		}
+		if err != nil {
+			c.cancel(fmt.Errorf("read request body: %w", err))
+			return
+		}
+	}
+}
+
+// upgradedBody is the body of a 101 response: reading returns the agent's
+// bytes, writing sends the caller's, as httputil.ReverseProxy needs to
+// splice the caller's connection.
+type upgradedBody struct {
+	*call
+	mu          sync.Mutex // serializes Write and CloseWrite
+	writeClosed bool
+	data        peerpb.ClientMessage_Data
+	send        peerpb.ClientMessage
+}
+
+// Write sends p to the agent.
+func (u *upgradedBody) Write(p []byte) (int, error) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.writeClosed {
+		return 0, errors.New("write to an upgraded connection after CloseWrite")
+	}
+	written := 0
+	for len(p) > 0 {
+		n := min(len(p), chunkSize)
+		u.data.Data = p[:n]
+		if err := u.stream.SendMsg(&u.send); err != nil {
+			if err == io.EOF {
+				err = io.ErrClosedPipe // the node ended the stream; Read says why
+			}
+			return written, err
+		}
+		written += n
+		p = p[n:]
+	}
+	return written, nil
+}
+
+// CloseWrite tells the agent the caller has finished sending, after the
+// bytes already written. httputil.ReverseProxy calls it when the caller
+// half-closes.
+func (u *upgradedBody) CloseWrite() error {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.writeClosed {
+		return nil
+	}
+	u.writeClosed = true
+	return u.stream.CloseSend()
+}
