@@ -69,7 +69,7 @@ type listener struct {
 	// protocols overrides net/http's default (e.g. h2c for gRPC); nil keeps it.
 	protocols *http.Protocols
 	srv       *http.Server
-	ln      net.Listener
+	ln        net.Listener
 }
 
 // New builds a node from cfg without opening any socket.
