@@ -20,6 +20,7 @@ import (
 	"github.com/kasproject/kas/middleware"
 	"github.com/kasproject/kas/registry"
 	"github.com/kasproject/kas/routes"
+	"github.com/kasproject/kas/server/agentconfig"
 	"github.com/kasproject/kas/server/config"
 	"github.com/kasproject/kas/server/gitlab"
 	"github.com/kasproject/kas/server/internalapi"
@@ -28,6 +29,7 @@ import (
 	"github.com/kasproject/kas/server/proxyauth"
 	"github.com/kasproject/kas/server/standalone"
 	"github.com/kasproject/kas/server/tunnel"
+	"github.com/kasproject/kas/server/usage"
 	"github.com/kasproject/kas/tlsutil"
 	"github.com/kasproject/kas/web"
 )
@@ -50,9 +52,15 @@ type Server struct {
 	metrics  *prometheus.Registry
 	api      gitlab.API
 	closeAPI func() error
-	registry registry.Registry
-	endpoint *tunnel.Endpoint
-	internal *internalapi.Handler
+	// gitlabClient is set when kas talks to GitLab, standaloneData when it
+	// reads local files; both nil in standalone mode without a file.
+	gitlabClient   *gitlab.Client
+	standaloneData *standalone.Backend
+	configs        *agentconfig.Manager
+	usage          *usage.Tracker
+	registry       registry.Registry
+	endpoint       *tunnel.Endpoint
+	internal       *internalapi.Handler
 
 	listeners []*listener
 	ready     atomic.Bool
@@ -91,7 +99,20 @@ func New(cfg *config.Config, opts Options) (*Server, error) {
 		return nil, err
 	}
 	s.registry = registry.NewMemory()
+	if err := s.buildConfigManager(); err != nil {
+		return nil, err
+	}
+	s.usage = usage.New(usage.Options{
+		Reporter: s.usageReporter(),
+		Period:   cfg.Observability.UsageReportingPeriod.D(),
+		Logger:   s.log,
+	})
 
+	var onConnect func(gitlab.AgentInfo, registry.Tunnel)
+	var onDisconnect func(registry.Tunnel)
+	if s.configs != nil {
+		onConnect, onDisconnect = s.configs.Connect, s.configs.Disconnect
+	}
 	s.endpoint, err = tunnel.NewEndpoint(tunnel.Options{
 		API:                          s.api,
 		Registry:                     s.registry,
@@ -102,6 +123,8 @@ func New(cfg *config.Config, opts Options) (*Server, error) {
 		GracePeriod:                  cfg.Agent.Listen.ListenGracePeriod.D(),
 		ConnectionsPerTokenPerMinute: cfg.Agent.Listen.ConnectionsPerTokenPerMinute,
 		Registerer:                   s.metrics,
+		OnConnect:                    onConnect,
+		OnDisconnect:                 onDisconnect,
 	})
 	if err != nil {
 		return nil, err
@@ -111,6 +134,7 @@ func New(cfg *config.Config, opts Options) (*Server, error) {
 		Router:           k8sproxy.LocalRouter{Registry: s.registry},
 		Logger:           s.log,
 		AgentWaitTimeout: cfg.Agent.KubernetesAPI.AgentWaitTimeout.D(),
+		OnAuthorized:     s.usage.Observe,
 	})
 
 	common := routes.Common{Logger: s.log, Metrics: httpMetrics}
@@ -161,6 +185,7 @@ func (s *Server) buildAPI() error {
 			return fmt.Errorf("standalone mode (no gitlab.address): %w", err)
 		}
 		s.api = b
+		s.standaloneData = b
 		return nil
 	}
 	secret, err := config.ReadSecretFile(s.cfg.GitLab.AuthenticationSecretFile)
@@ -184,6 +209,7 @@ func (s *Server) buildAPI() error {
 		AgentInfoErrorTTL:    s.cfg.Agent.InfoCacheErrorTTL.D(),
 		AllowedAgentTTL:      s.cfg.Agent.KubernetesAPI.AllowedAgentCacheTTL.D(),
 		AllowedAgentErrorTTL: s.cfg.Agent.KubernetesAPI.AllowedAgentCacheErrorTTL.D(),
+		RepositoryTokenFile:  s.cfg.GitLab.RepositoryTokenFile,
 		Logger:               s.log,
 		Version:              s.opts.Version,
 	})
@@ -191,6 +217,7 @@ func (s *Server) buildAPI() error {
 		return fmt.Errorf("GitLab client for %s: %w", s.cfg.GitLab.Address, err)
 	}
 	s.api = c
+	s.gitlabClient = c
 	s.closeAPI = func() error { c.CloseIdleConnections(); return nil }
 	return nil
 }
@@ -207,6 +234,8 @@ func (s *Server) buildInternalAPI(httpMetrics *middleware.Metrics) error {
 	h, err := internalapi.NewHandler(internalapi.Options{
 		Secret:            secret,
 		Registry:          s.registry,
+		ConfigFiles:       s.configFileLister(),
+		OnGitPush:         s.onGitPush,
 		Version:           s.opts.Version,
 		GitLabExternalURL: s.cfg.GitLab.ExternalURL,
 		Logger:            s.log,
@@ -221,6 +250,74 @@ func (s *Server) buildInternalAPI(httpMetrics *middleware.Metrics) error {
 	}
 	s.listeners[len(s.listeners)-1].protocols = internalapi.ServerProtocols()
 	return nil
+}
+
+// buildConfigManager keeps every connected agent's configuration current,
+// from GitLab's repository files or the standalone project directories.
+func (s *Server) buildConfigManager() error {
+	var source agentconfig.Source
+	var reporter gitlab.ConfigurationReporter
+	switch {
+	case s.gitlabClient != nil:
+		source, reporter = s.gitlabClient, s.gitlabClient
+	case s.standaloneData != nil:
+		source = s.standaloneData // it reads the files itself: nothing to report
+	default:
+		return nil // no agent can connect, so there is nothing to configure
+	}
+	m, err := agentconfig.NewManager(agentconfig.Options{
+		Source:                   source,
+		Reporter:                 reporter,
+		Logger:                   s.log,
+		PollPeriod:               s.cfg.Agent.Configuration.PollPeriod.D(),
+		MaxConfigurationFileSize: s.cfg.Agent.Configuration.MaxConfigurationFileSize,
+	})
+	if err != nil {
+		return fmt.Errorf("agent configuration manager: %w", err)
+	}
+	s.configs = m
+	return nil
+}
+
+// usageReporter is GitLab, or nobody in standalone mode.
+func (s *Server) usageReporter() gitlab.UsageReporter {
+	if s.gitlabClient == nil {
+		return nil
+	}
+	return s.gitlabClient
+}
+
+// onGitPush refetches the configuration of agents configured in the pushed project.
+func (s *Server) onGitPush(ctx context.Context, projectID int64, _ string) {
+	if s.configs != nil {
+		s.configs.NotifyPush(ctx, projectID)
+	}
+}
+
+// configFileLister answers ListAgentConfigFiles from the standalone project
+// directories; nil (the method answers Unimplemented) otherwise.
+func (s *Server) configFileLister() internalapi.ConfigFileLister {
+	if s.standaloneData == nil {
+		return nil
+	}
+	return standaloneConfigFiles{s.standaloneData}
+}
+
+type standaloneConfigFiles struct{ b *standalone.Backend }
+
+func (l standaloneConfigFiles) ListAgentConfigFiles(ctx context.Context, p internalapi.ConfigProject) ([]internalapi.AgentConfigFile, error) {
+	files, err := l.b.ListAgentConfigFiles(ctx, p.ID, p.Path)
+	if errors.Is(err, gitlab.ErrNotFound) {
+		return nil, fmt.Errorf("%w: %w", internalapi.ErrProjectNotFound, err)
+	}
+	if err != nil {
+		return nil, err
+	}
+	out := make([]internalapi.AgentConfigFile, len(files))
+	for i, f := range files {
+		out[i] = internalapi.AgentConfigFile{AgentName: f.AgentName, Path: f.Path}
+	}
+	return out, nil
 }
 
 func (s *Server) addListener(name string, l config.Listen, h http.Handler) error {
@@ -273,6 +370,9 @@ func (s *Server) Run(ctx context.Context) error {
 
 	serveErr := make(chan error, len(s.listeners))
 	var serving sync.WaitGroup
+	usageCtx, stopUsage := context.WithCancel(context.WithoutCancel(ctx))
+	var usageDone sync.WaitGroup
+	usageDone.Go(func() { s.usage.Run(usageCtx) })
 	for _, l := range s.listeners {
 		s.log.Info("Listening", "listener", l.name, "network", l.network, "address", l.ln.Addr().String(), "tls", l.tls != nil)
 		serving.Go(func() {
@@ -298,6 +398,8 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 	s.shutdown()
 	serving.Wait()
+	stopUsage() // after the listeners, so the last report counts every request
+	usageDone.Wait()
 	return runErr
 }
 
@@ -322,6 +424,9 @@ func (s *Server) shutdown() {
 		}
 	})
 	wg.Wait()
+	if s.configs != nil {
+		s.configs.Close()
+	}
 	if err := s.internal.Close(); err != nil {
 		s.log.Warn("Close the internal API", "error", err.Error())
 	}
