@@ -16,6 +16,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/redis/go-redis/v9"
 
 	"github.com/kasproject/kas/middleware"
 	"github.com/kasproject/kas/registry"
@@ -61,6 +62,10 @@ type Server struct {
 	registry       registry.Registry
 	endpoint       *tunnel.Endpoint
 	internal       *internalapi.Handler
+	// acme gets agent.listen's certificates when tls.acme is set.
+	acme *tlsutil.ACME
+	// redis is the node's Redis client once built (see redisClient).
+	redis redis.UniversalClient
 
 	listeners []*listener
 	ready     atomic.Bool
@@ -73,6 +78,8 @@ type listener struct {
 	network string
 	address string
 	tls     *tls.Config
+	// certs serves and reloads certificate_file and key_file; nil without them.
+	certs   *tlsutil.CertReloader
 	handler http.Handler
 	// protocols overrides net/http's default (e.g. h2c for gRPC); nil keeps it.
 	protocols *http.Protocols
@@ -166,6 +173,10 @@ func New(cfg *config.Config, opts Options) (*Server, error) {
 		return nil, err
 	}
 	if err := s.buildInternalAPI(httpMetrics); err != nil {
+		return nil, err
+	}
+	// Last: it starts certmagic's maintenance goroutine, which Run stops.
+	if err := s.buildACME(); err != nil {
 		return nil, err
 	}
 	return s, nil
@@ -294,19 +305,32 @@ func (s *Server) onGitPush(ctx context.Context, projectID int64, _ string) {
 	}
 }
 
-// configFileLister answers ListAgentConfigFiles from the standalone project
-// directories; nil (the method answers Unimplemented) otherwise.
+// configFileLister answers ListAgentConfigFiles from GitLab's repository
+// tree or the standalone project directories.
 func (s *Server) configFileLister() internalapi.ConfigFileLister {
-	if s.standaloneData == nil {
-		return nil
+	switch {
+	case s.gitlabClient != nil:
+		return configFileLister(func(ctx context.Context, p internalapi.ConfigProject) ([]gitlab.AgentConfigFile, error) {
+			return s.gitlabClient.ListAgentConfigFiles(ctx, p.ID)
+		})
+	case s.standaloneData != nil:
+		return configFileLister(func(ctx context.Context, p internalapi.ConfigProject) ([]gitlab.AgentConfigFile, error) {
+			files, err := s.standaloneData.ListAgentConfigFiles(ctx, p.ID, p.Path)
+			out := make([]gitlab.AgentConfigFile, len(files))
+			for i, f := range files {
+				out[i] = gitlab.AgentConfigFile{AgentName: f.AgentName, Path: f.Path}
+			}
+			return out, err
+		})
 	}
-	return standaloneConfigFiles{s.standaloneData}
+	return nil // nothing is configured anywhere: the method answers Unimplemented
 }
 
-type standaloneConfigFiles struct{ b *standalone.Backend }
+// configFileLister adapts a backend's listing to the internal API's.
+type configFileLister func(context.Context, internalapi.ConfigProject) ([]gitlab.AgentConfigFile, error)
 
-func (l standaloneConfigFiles) ListAgentConfigFiles(ctx context.Context, p internalapi.ConfigProject) ([]internalapi.AgentConfigFile, error) {
-	files, err := l.b.ListAgentConfigFiles(ctx, p.ID, p.Path)
+func (l configFileLister) ListAgentConfigFiles(ctx context.Context, p internalapi.ConfigProject) ([]internalapi.AgentConfigFile, error) {
+	files, err := l(ctx, p)
 	if errors.Is(err, gitlab.ErrNotFound) {
 		return nil, fmt.Errorf("%w: %w", internalapi.ErrProjectNotFound, err)
 	}
@@ -323,15 +347,12 @@ func (l standaloneConfigFiles) ListAgentConfigFiles(ctx context.Context, p inter
 func (s *Server) addListener(name string, l config.Listen, h http.Handler) error {
 	lst := &listener{name: name, network: l.Network, address: l.Address, handler: h}
 	if l.CertificateFile != "" {
-		cert, err := tls.LoadX509KeyPair(l.CertificateFile, l.KeyFile)
+		certs, err := tlsutil.NewCertReloader(l.CertificateFile, l.KeyFile, s.log.With("listener", name))
 		if err != nil {
-			return fmt.Errorf("%s: load certificate_file %s and key_file %s: %w", name, l.CertificateFile, l.KeyFile, err)
+			return fmt.Errorf("%s: %w", name, err)
 		}
-		lst.tls = &tls.Config{
-			MinVersion:   tls.VersionTLS12,
-			Certificates: []tls.Certificate{cert},
-			NextProtos:   []string{"h2", "http/1.1"},
-		}
+		lst.certs = certs
+		lst.tls = tlsutil.ServerConfig(certs.GetCertificate)
 	}
 	s.listeners = append(s.listeners, lst)
 	return nil
@@ -343,6 +364,7 @@ func (s *Server) addListener(name string, l config.Listen, h http.Handler) error
 // It returns nil after a clean shutdown.
 func (s *Server) Run(ctx context.Context) error {
 	defer func() { _ = s.closeAPI() }()
+	defer s.closeTLS()
 	for _, l := range s.listeners {
 		ln, err := net.Listen(l.network, l.address)
 		if err != nil {
@@ -368,7 +390,7 @@ func (s *Server) Run(ctx context.Context) error {
 		}
 	}
 
-	serveErr := make(chan error, len(s.listeners))
+	serveErr := make(chan error, len(s.listeners)+1) // +1: manageCertificates
 	var serving sync.WaitGroup
 	usageCtx, stopUsage := context.WithCancel(context.WithoutCancel(ctx))
 	var usageDone sync.WaitGroup
@@ -381,13 +403,21 @@ func (s *Server) Run(ctx context.Context) error {
 			}
 		})
 	}
-	s.ready.Store(true)
-	close(s.readyCh)
-	mode := "standalone"
-	if s.cfg.GitLab.Address != "" {
-		mode = "gitlab " + s.cfg.GitLab.Address
+	stopWatching := s.watchCertificates()
+	defer stopWatching()
+	// The listeners serve before the ACME certificates exist: the CA's
+	// challenges reach kas through them. kas is ready once it has them.
+	if err := s.manageCertificates(ctx); err != nil {
+		serveErr <- fmt.Errorf("%s: %w", publicListener, err)
+	} else {
+		s.ready.Store(true)
+		close(s.readyCh)
+		mode := "standalone"
+		if s.cfg.GitLab.Address != "" {
+			mode = "gitlab " + s.cfg.GitLab.Address
+		}
+		s.log.Info("kas is ready", "version", s.opts.Version, "mode", mode)
 	}
-	s.log.Info("kas is ready", "version", s.opts.Version, "mode", mode)
 
 	var runErr error
 	select {

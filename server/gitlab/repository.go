@@ -78,3 +78,67 @@ func (c *Client) repositoryToken() (string, error) {
 	}
 	return token, nil
 }
+
+// AgentConfigFile is one agent's configuration file in a project:
+// .gitlab/agents/<AgentName>/config.yaml.
+type AgentConfigFile struct {
+	AgentName string
+	Path      string
+}
+
+// agentConfigDir is where GitLab looks for agent configuration files.
+const agentConfigDir = ".gitlab/agents"
+
+// treePageSize is GitLab's largest page of the repository tree API.
+const treePageSize = 100
+
+// ListAgentConfigFiles lists the agent configuration files on the default
+// branch of a project, from GitLab's repository tree API with the token of
+// gitlab.repository_token_file. A project without .gitlab/agents has none; a
+// missing project (or one the token cannot read) is an error wrapping ErrNotFound.
+func (c *Client) ListAgentConfigFiles(ctx context.Context, projectID int64) ([]AgentConfigFile, error) {
+	const op = "list agent configuration files"
+	token, err := c.repositoryToken()
+	if err != nil {
+		return nil, &Error{Op: op, URL: c.base.Redacted(), Message: err.Error(), Err: err}
+	}
+	var files []AgentConfigFile
+	for page := 1; ; page++ {
+		path := fmt.Sprintf("/api/v4/projects/%d/repository/tree?path=%s&recursive=true&per_page=%d&page=%d",
+			projectID, url.QueryEscape(agentConfigDir), treePageSize, page)
+		var entries []struct {
+			Type string `json:"type"`
+			Path string `json:"path"`
+		}
+		_, err := c.call(ctx, op, http.MethodGet, path, func(h http.Header) {
+			if token != "" {
+				h.Set(HeaderPrivateToken, token)
+			}
+		}, nil, &entries)
+		var e *Error
+		if errors.As(err, &e) && e.StatusCode == http.StatusNotFound && strings.HasSuffix(e.Message, "Tree Not Found") {
+			return nil, nil // no .gitlab/agents directory
+		}
+		if err != nil {
+			return nil, err
+		}
+		for _, en := range entries {
+			if name, ok := agentNameOf(en.Path); ok && en.Type == "blob" {
+				files = append(files, AgentConfigFile{AgentName: name, Path: en.Path})
+			}
+		}
+		if len(entries) < treePageSize {
+			return files, nil
+		}
+	}
+}
+
+// agentNameOf returns <name> for ".gitlab/agents/<name>/config.yaml".
+func agentNameOf(path string) (string, bool) {
+	rest, ok := strings.CutPrefix(path, agentConfigDir+"/")
+	if !ok {
+		return "", false
+	}
+	name, file, ok := strings.Cut(rest, "/")
+	return name, ok && name != "" && file == "config.yaml"
+}

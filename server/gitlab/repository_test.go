@@ -3,6 +3,7 @@ package gitlab_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -102,5 +103,48 @@ func TestGetRepositoryFileRequest(t *testing.T) {
 	checkJWT(t, r.Header)
 	if got, want := gitlab.RepositoryFileRawPath(20, ".gitlab/agents/prod/config.yaml"), "/api/v4/projects/20/repository/files/.gitlab%2Fagents%2Fprod%2Fconfig.yaml/raw"; got != want {
 		t.Errorf("RepositoryFileRawPath = %q, want %q", got, want)
+	}
+}
+
+func TestListAgentConfigFiles(t *testing.T) {
+	fake := gitlabtest.New(t, secret, backend{})
+	fake.SetRepositoryToken("repo-token")
+	// 120 agents: more than one page of the tree API.
+	for i := range 120 {
+		fake.SetRepositoryFile(100, "main", fmt.Sprintf(".gitlab/agents/agent-%03d/config.yaml", i), []byte("{}"))
+	}
+	fake.SetRepositoryFile(100, "main", ".gitlab/agents/agent-000/README.md", []byte("not a config"))
+	fake.SetRepositoryFile(100, "main", ".gitlab/agents/nested/deeper/config.yaml", []byte("{}"))
+	fake.SetRepositoryFile(101, "main", "README.md", []byte("no agents here"))
+
+	tokenFile := filepath.Join(t.TempDir(), "token")
+	if err := os.WriteFile(tokenFile, []byte("repo-token\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c := newClient(t, fake.URL, func(o *gitlab.ClientOptions) { o.RepositoryTokenFile = tokenFile })
+
+	tests := []struct {
+		name      string
+		project   int64
+		wantCount int
+		wantErr   error
+	}{
+		{"two pages, only config.yaml one level down", 100, 120, nil},
+		{"project without .gitlab/agents", 101, 0, nil},
+		{"unknown project", 999, 0, gitlab.ErrNotFound},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			files, err := c.ListAgentConfigFiles(context.Background(), tc.project)
+			if !errors.Is(err, tc.wantErr) || (tc.wantErr == nil && err != nil) {
+				t.Fatalf("error %v, want %v", err, tc.wantErr)
+			}
+			if len(files) != tc.wantCount {
+				t.Fatalf("%d files, want %d", len(files), tc.wantCount)
+			}
+			if tc.wantCount > 0 && (files[0].AgentName != "agent-000" || files[0].Path != ".gitlab/agents/agent-000/config.yaml") {
+				t.Fatalf("first file %+v", files[0])
+			}
+		})
 	}
 }

@@ -41,6 +41,8 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"path"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -136,6 +138,7 @@ func New(t testing.TB, secret []byte, backend gitlab.API, opts ...Option) *Serve
 	mux.HandleFunc("POST "+gitlab.PathAgentConfiguration, s.agentConfiguration)
 	mux.HandleFunc("POST "+gitlab.PathUsageMetrics, s.usageMetrics)
 	mux.HandleFunc("GET /api/v4/projects/{id}/repository/files/{file_path}/raw", s.repositoryFile)
+	mux.HandleFunc("GET /api/v4/projects/{id}/repository/tree", s.repositoryTree)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		// Grape's answer for a route it does not have.
 		writeJSON(w, http.StatusNotFound, map[string]string{"error": "404 Not Found"})
@@ -384,6 +387,62 @@ func (s *Server) repositoryFile(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		_, _ = w.Write(content) // the client may have gone; nothing to do
 	}
+}
+
+// repositoryTree answers GitLab's repository tree API (recursive listings
+// only, as kas asks) from the files set with SetRepositoryFile, at ref or,
+// without one, "main" standing for the default branch; paginated with
+// page/per_page like GitLab.
+func (s *Server) repositoryTree(w http.ResponseWriter, r *http.Request) {
+	s.mu.Lock()
+	required := s.repoToken
+	s.mu.Unlock()
+	if required != "" && r.Header.Get(gitlab.HeaderPrivateToken) != required {
+		writeError(w, http.StatusUnauthorized, "")
+		return
+	}
+	q := r.URL.Query()
+	ref := q.Get("ref")
+	if ref == "" {
+		ref = "main"
+	}
+	id, err := strconv.ParseInt(r.PathValue("id"), 10, 64)
+	if err != nil {
+		writeError(w, http.StatusNotFound, "404 Project Not Found")
+		return
+	}
+	page, _ := strconv.Atoi(q.Get("page"))
+	perPage, _ := strconv.Atoi(q.Get("per_page"))
+	page, perPage = max(page, 1), min(max(perPage, 1), 100)
+	prefix := strings.TrimSuffix(q.Get("path"), "/") + "/"
+	s.mu.Lock()
+	refs, projectOK := s.files[id]
+	var paths []string
+	for p := range refs[ref] {
+		if strings.HasPrefix(p, prefix) {
+			paths = append(paths, p)
+		}
+	}
+	s.mu.Unlock()
+	if !projectOK {
+		writeError(w, http.StatusNotFound, "404 Project Not Found")
+		return
+	}
+	if len(paths) == 0 {
+		writeError(w, http.StatusNotFound, "404 Tree Not Found")
+		return
+	}
+	slices.Sort(paths)
+	type entry struct {
+		Name string `json:"name"`
+		Type string `json:"type"`
+		Path string `json:"path"`
+	}
+	out := []entry{}
+	for _, p := range paths[min((page-1)*perPage, len(paths)):min(page*perPage, len(paths))] {
+		out = append(out, entry{Name: path.Base(p), Type: "blob", Path: p})
+	}
+	writeJSON(w, http.StatusOK, out)
 }
 
 // agentConfiguration records the post and passes it on to a backend that
