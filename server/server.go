@@ -315,12 +315,7 @@ func (s *Server) configFileLister() internalapi.ConfigFileLister {
 		})
 	case s.standaloneData != nil:
 		return configFileLister(func(ctx context.Context, p internalapi.ConfigProject) ([]gitlab.AgentConfigFile, error) {
-			files, err := s.standaloneData.ListAgentConfigFiles(ctx, p.ID, p.Path)
-			out := make([]gitlab.AgentConfigFile, len(files))
-			for i, f := range files {
-				out[i] = gitlab.AgentConfigFile{AgentName: f.AgentName, Path: f.Path}
-			}
-			return out, err
+			return s.standaloneData.ListAgentConfigFiles(ctx, p.ID, p.Path)
 		})
 	}
 	return nil // nothing is configured anywhere: the method answers Unimplemented

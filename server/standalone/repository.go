@@ -70,15 +70,6 @@ func (b *Backend) fileNotFound(u, message string) error {
 	return &gitlab.Error{Op: opGetRepositoryFile, URL: u, StatusCode: http.StatusNotFound, Message: message, Err: gitlab.ErrFileNotFound}
 }
 
-// AgentConfigFile is one agent configuration file in a repository.
-type AgentConfigFile struct {
-	// AgentName is the agent the file configures.
-	AgentName string
-	// Path is the file's slash-separated path in the repository,
-	// .gitlab/agents/<agent name>/config.yaml.
-	Path string
-}
-
 // ListAgentConfigFiles lists the agent configuration files,
 // .gitlab/agents/<agent name>/config.yaml, in the repository directory of
 // the project with ID projectID or, when projectID is 0, with full path
@@ -86,7 +77,7 @@ type AgentConfigFile struct {
 // whose directory is a valid agent name, whether or not an agent of that
 // name is registered. A project without a repository has none; an unknown
 // project is an error wrapping gitlab.ErrNotFound.
-func (b *Backend) ListAgentConfigFiles(ctx context.Context, projectID int64, projectPath string) ([]AgentConfigFile, error) {
+func (b *Backend) ListAgentConfigFiles(ctx context.Context, projectID int64, projectPath string) ([]gitlab.AgentConfigFile, error) {
 	const op = opListAgentConfigFiles
 	st, err := b.begin(ctx, op)
 	if err != nil {
@@ -121,7 +112,7 @@ func (b *Backend) ListAgentConfigFiles(ctx context.Context, projectID int64, pro
 	if err != nil {
 		return nil, b.fail(op, fileURL(p.repository), fmt.Errorf("list %s in the repository of project %s: %w", agentConfigDir, p.path, err))
 	}
-	var files []AgentConfigFile
+	var files []gitlab.AgentConfigFile
 	slices.SortFunc(entries, func(a, b fs.DirEntry) int { return strings.Compare(a.Name(), b.Name()) })
 	for _, e := range entries {
 		name := e.Name()
@@ -130,7 +121,7 @@ func (b *Backend) ListAgentConfigFiles(ctx context.Context, projectID int64, pro
 		}
 		rel := agentConfigDir + "/" + name + "/" + agentConfigFileBasename
 		if info, err := root.Stat(filepath.FromSlash(rel)); err == nil && info.Mode().IsRegular() {
-			files = append(files, AgentConfigFile{AgentName: name, Path: rel})
+			files = append(files, gitlab.AgentConfigFile{AgentName: name, Path: rel})
 		}
 	}
 	return files, nil

@@ -77,7 +77,7 @@ func TestListAgentConfigFiles(t *testing.T) {
 	w.write(t, "repos/acme-infra/.gitlab/agents/README.md", "")
 	b := w.open(t)
 
-	acme := []AgentConfigFile{
+	acme := []gitlab.AgentConfigFile{
 		{AgentName: "noaccessas", Path: ".gitlab/agents/noaccessas/config.yaml"},
 		{AgentName: "people", Path: ".gitlab/agents/people/config.yaml"},
 		{AgentName: "prod", Path: ".gitlab/agents/prod/config.yaml"},
@@ -88,12 +88,12 @@ func TestListAgentConfigFiles(t *testing.T) {
 		name    string
 		id      int64
 		path    string
-		want    []AgentConfigFile
+		want    []gitlab.AgentConfigFile
 		wantErr error
 	}{
 		{name: "by id", id: 100, want: acme},
 		{name: "by path, any case", path: "ACME/infra", want: acme},
-		{name: "one file", id: 200, want: []AgentConfigFile{{AgentName: "foreign", Path: ".gitlab/agents/foreign/config.yaml"}}},
+		{name: "one file", id: 200, want: []gitlab.AgentConfigFile{{AgentName: "foreign", Path: ".gitlab/agents/foreign/config.yaml"}}},
 		{name: "project without repository", id: 101},
 		{name: "unknown id", id: 999, wantErr: gitlab.ErrNotFound},
 		{name: "unknown path", path: "acme/nothing", wantErr: gitlab.ErrNotFound},
