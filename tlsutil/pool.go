@@ -8,6 +8,8 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+
+	"github.com/kasproject/kas/server/config"
 )
 
 // CertPool returns the pool kas trusts for outbound TLS (GitLab, peers,
@@ -100,4 +102,25 @@ func IsUnknownAuthority(err error) bool {
 	// gRPC reports handshake failures as status errors that keep only the
 	// text, so the type is lost on the peer path; the message is stable.
 	return strings.Contains(err.Error(), "certificate signed by unknown authority")
+}
+
+// RedisClientConfig returns the TLS configuration for Redis described by
+// redis.tls, or nil when TLS is off: ClientConfig's trust plus the
+// ca_certificate_file, and the client certificate when one is set.
+func RedisClientConfig(t config.RedisTLS, sslCertDir string) (*tls.Config, error) {
+	if !t.Enabled {
+		return nil, nil
+	}
+	c, err := ClientConfig(sslCertDir, t.CACertificateFile)
+	if err != nil {
+		return nil, fmt.Errorf("redis.tls: %w", err)
+	}
+	if t.CertificateFile != "" || t.KeyFile != "" {
+		cert, err := tls.LoadX509KeyPair(t.CertificateFile, t.KeyFile)
+		if err != nil {
+			return nil, fmt.Errorf("redis.tls: load certificate_file %s and key_file %s: %w", t.CertificateFile, t.KeyFile, err)
+		}
+		c.Certificates = []tls.Certificate{cert}
+	}
+	return c, nil
 }

@@ -19,6 +19,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/kasproject/kas/server/config"
 )
 
 // testCA is a CA made for a test, able to sign server certificates.
@@ -262,5 +264,36 @@ func TestIsUnknownAuthority(t *testing.T) {
 		if got := IsUnknownAuthority(tt.err); got != tt.want {
 			t.Errorf("%s: IsUnknownAuthority = %v, want %v", tt.name, got, tt.want)
 		}
+	}
+}
+
+func TestRedisClientConfig(t *testing.T) {
+	ca := newCA(t, "Redis CA")
+	dir := t.TempDir()
+	caFile := filepath.Join(dir, "ca.pem")
+	writeFile(t, caFile, ca.pem)
+	certFile, keyFile := filepath.Join(dir, "client.crt"), filepath.Join(dir, "client.key")
+	writePair(t, certFile, keyFile, ca.leaf(t))
+
+	off, err := RedisClientConfig(config.RedisTLS{CACertificateFile: caFile}, "")
+	if off != nil || err != nil {
+		t.Errorf("TLS off: %v, %v; want nil, nil", off, err)
+	}
+
+	on, err := RedisClientConfig(config.RedisTLS{Enabled: true, CACertificateFile: caFile, CertificateFile: certFile, KeyFile: keyFile}, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(on.Certificates) != 1 {
+		t.Errorf("client certificates: %d, want 1", len(on.Certificates))
+	}
+	if !verifies(t, on.RootCAs, ca) {
+		t.Error("redis.tls.ca_certificate_file is not trusted")
+	}
+
+	missing := filepath.Join(dir, "missing.key")
+	_, err = RedisClientConfig(config.RedisTLS{Enabled: true, CertificateFile: certFile, KeyFile: missing}, "")
+	if err == nil || !strings.Contains(err.Error(), missing) {
+		t.Errorf("missing key file: error %v does not name %s", err, missing)
 	}
 }

@@ -44,15 +44,15 @@ func TestRedisStorageMatchesFileStorage(t *testing.T) {
 	storages := map[string]certmagic.Storage{"file": file, "redis": red}
 
 	values := map[string]string{
-		"certificates/acme-dir/kas.test/kas.test.crt":             "certificate",
-		"certificates/acme-dir/kas.test/kas.test.key":             "key",
-		"certificates/acme-dir/kas.test/kas.test.json":            "{}",
-		"certificates/acme-dir/other.test/other.test.crt":         "other certificate",
-		"acme/acme-dir/users/admin@example.com/admin.json":        "account",
-		"acme/acme-dir/users/admin@example.com/admin.key":         "account key",
-		"last_clean.json":                                         "clean",
-		"glob/[a]*?.txt":                                          "glob characters",
-		"glob/a.txt":                                              "plain",
+		"certificates/acme-dir/kas.test/kas.test.crt":      "certificate",
+		"certificates/acme-dir/kas.test/kas.test.key":      "key",
+		"certificates/acme-dir/kas.test/kas.test.json":     "{}",
+		"certificates/acme-dir/other.test/other.test.crt":  "other certificate",
+		"acme/acme-dir/users/admin@example.com/admin.json": "account",
+		"acme/acme-dir/users/admin@example.com/admin.key":  "account key",
+		"last_clean.json": "clean",
+		"glob/[a]*?.txt":  "glob characters",
+		"glob/a.txt":      "plain",
 		"certificates/acme-dir/kas.test.backup/kas.test.crt.copy": "sibling whose name extends kas.test",
 	}
 	for _, s := range storages {

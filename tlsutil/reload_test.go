@@ -45,7 +45,7 @@ func newTestLogger(t *testing.T) (*slog.Logger, *logBuffer) {
 	t.Helper()
 	b := &logBuffer{}
 	t.Cleanup(func() {
-		if t.Failed() {
+		if t.Failed() && b.String() != "" {
 			t.Logf("log:\n%s", b)
 		}
 	})
@@ -81,16 +81,26 @@ func replaceFile(t *testing.T, path string, data []byte) {
 // server.Run builds its listeners, and returns the address.
 func serveTLS(t *testing.T, cfg *tls.Config, handler http.Handler) string {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	return serveOn(t, "127.0.0.1:0", cfg, handler)
+}
+
+// serveOn serves handler on addr until the test ends, over TLS when cfg is
+// not nil, and returns the bound address.
+func serveOn(t *testing.T, addr string, cfg *tls.Config, handler http.Handler) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		t.Fatal(err)
 	}
 	srv := &http.Server{Handler: handler, TLSConfig: cfg, ReadHeaderTimeout: 10 * time.Second,
 		ErrorLog: log.New(io.Discard, "", 0)} // handshakes cut by the test's own clients
+	if cfg != nil {
+		ln = tls.NewListener(ln, cfg)
+	}
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		_ = srv.Serve(tls.NewListener(ln, cfg))
+		_ = srv.Serve(ln)
 	}()
 	t.Cleanup(func() {
 		_ = srv.Close()
