@@ -115,6 +115,24 @@ func runServer(args []string, stderr io.Writer) int {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
+	// SIGHUP reloads static certificates (they are also polled for changes).
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	go func() {
+		for {
+			select {
+			case <-hup:
+				if err := srv.ReloadCertificates(); err != nil {
+					log.Error("Reload certificates on SIGHUP", "error", err.Error())
+				} else {
+					log.Info("Reloaded certificates on SIGHUP")
+				}
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
 	if err := srv.Run(ctx); err != nil {
 		log.Error("kas stopped", "error", err.Error())
 		return 1
