@@ -102,6 +102,9 @@ type Client struct {
 	timeout   time.Duration
 	userAgent string
 	log       *slog.Logger
+	// unknownCA logs an untrusted GitLab certificate once per cause instead
+	// of on every failing call.
+	unknownCA *tlsutil.UnknownAuthorityLogger
 	tokenFile string // gitlab.repository_token_file, "" for none
 
 	agentInfoPath atomic.Int32 // which agent_info path GitLab serves: agentInfoPath*
@@ -175,6 +178,7 @@ func NewClient(opts ClientOptions) (*Client, error) {
 		userAgent:     userAgent,
 		tokenFile:     opts.RepositoryTokenFile,
 		log:           logger,
+		unknownCA:     tlsutil.NewUnknownAuthorityLogger(logger, "gitlab.ca_certificate_file"),
 		agentInfo:     newCache(orDefault(opts.AgentInfoTTL, DefaultAgentInfoTTL), orDefault(opts.AgentInfoErrorTTL, DefaultAgentInfoErrorTTL), size, now),
 		proxyUser:     newCache(orDefault(opts.AllowedAgentTTL, DefaultAllowedAgentTTL), orDefault(opts.AllowedAgentErrorTTL, DefaultAllowedAgentErrorTTL), size, now),
 		allowedAgents: newCache(orDefault(opts.AllowedAgentTTL, DefaultAllowedAgentTTL), orDefault(opts.AllowedAgentErrorTTL, DefaultAllowedAgentErrorTTL), size, now),
@@ -445,6 +449,7 @@ func (c *Client) transportError(ctx context.Context, op, u string, err error) *E
 	var dnsErr *net.DNSError
 	var netErr net.Error
 	var msg string
+	knownCause := false // an untrusted certificate, logged once by unknownCA
 	switch {
 	case ctx.Err() != nil:
 		msg = "gave up: " + ctx.Err().Error()
@@ -452,6 +457,7 @@ func (c *Client) transportError(ctx context.Context, op, u string, err error) *E
 		msg = fmt.Sprintf("%s; is gitlab.address (%s) right and is GitLab running?", detail, c.base.Redacted())
 	case tlsutil.IsUnknownAuthority(err):
 		msg = detail + "; add GitLab's CA certificate to gitlab.ca_certificate_file or to SSL_CERT_DIR"
+		knownCause = c.unknownCA.Log(c.base.Host, err)
 	case errors.Is(err, context.DeadlineExceeded), errors.As(err, &netErr) && netErr.Timeout():
 		msg = fmt.Sprintf("no answer within the %s timeout (%s)", c.timeout, detail)
 	case errors.As(err, &dnsErr):
@@ -460,7 +466,7 @@ func (c *Client) transportError(ctx context.Context, op, u string, err error) *E
 		msg = detail
 	}
 	e := &Error{Op: op, URL: u, Message: msg, Err: err}
-	if ctx.Err() == nil {
+	if ctx.Err() == nil && !knownCause {
 		c.log.WarnContext(ctx, "GitLab call failed", "error", e.Error(), "correlation_id", correlation.FromContext(ctx))
 	}
 	return e
