@@ -82,6 +82,7 @@ type Agent struct {
 	streamProxy      *httputil.ReverseProxy // open-ended responses: watches, logs -f
 	bulkBuffers      *bufferPool
 	streamBuffers    *bufferPool
+	requestBodies    protocol.BulkBodies // large request bodies read from the tunnel in large chunks
 	handlersRunning  handlerTracker
 
 	mu        sync.Mutex

@@ -58,6 +58,7 @@ func (a *Agent) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if openEnded(r) {
 		proxy = a.streamProxy
 	}
+	r.Body = a.requestBodies.Wrap(r.Body, r.ContentLength)
 	proxy.ServeHTTP(rec, r.WithContext(context.WithValue(r.Context(), identityKey{}, id)))
 }
 

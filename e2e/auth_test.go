@@ -213,7 +213,7 @@ func TestCallerCannotChooseIdentityOrLeakCredentials(t *testing.T) {
 		protocol.HeaderIdentity:    {admin},
 		"Cookie":                   {"_gitlab_session=e2e-gitlab-session; other=1"},
 		"Proxy-Authorization":      {"Basic ZTJlOmUyZQ=="},
-		"X-Remote-User":            {"forwarded-by-caller"}, // not a credential: passes
+		"X-E2e-Trace":              {"kept"}, // an ordinary header: passes
 		"Accept":                   {"application/json"},
 		"X-Csrf-Token":             {"stray"},
 	}
@@ -264,7 +264,7 @@ func TestCallerCannotChooseIdentityOrLeakCredentials(t *testing.T) {
 			if strings.Contains(got.Query, "gitlab-agent-id") || (tc.query != "" && got.Query != "limit=5") {
 				t.Errorf("the cluster saw query %q; want the caller's without gitlab-agent-id", got.Query)
 			}
-			if h.Get("X-Remote-User") != "forwarded-by-caller" || h.Get("Accept") != "application/json" {
+			if h.Get("X-E2e-Trace") != "kept" || h.Get("Accept") != "application/json" {
 				t.Errorf("ordinary headers were lost: %v", h)
 			}
 		})

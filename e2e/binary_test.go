@@ -150,6 +150,8 @@ func TestKASBinary(t *testing.T) {
 				"listen_grace_period": grace.String(),
 			}},
 			"observability": map[string]any{"listen": map[string]any{"address": "127.0.0.1:0"}},
+			"api":           map[string]any{"listen": map[string]any{"address": "127.0.0.1:0"}},
+			"private_api":   map[string]any{"listen": map[string]any{"address": "127.0.0.1:0"}},
 			"standalone":    map[string]any{"file": e.scenarioFile},
 		})
 		p := startKASProcess(t, bin, configFile)

@@ -118,8 +118,11 @@ func kasConfig(t *testing.T) *config.Config {
 	if err != nil {
 		t.Fatalf("load the default configuration: %v", err)
 	}
-	cfg.Agent.Listen.Address = "127.0.0.1:0"
-	cfg.Observability.Listen.Address = "127.0.0.1:0"
+	for _, l := range []*config.Listen{
+		&cfg.Agent.Listen.Listen, &cfg.Observability.Listen, &cfg.API.Listen.Listen, &cfg.PrivateAPI.Listen.Listen,
+	} {
+		l.Address = "127.0.0.1:0"
+	}
 	return cfg
 }
 
@@ -204,7 +207,9 @@ func waitTunnels(t *testing.T, observability string, agentID int64, n int) {
 	eventually(t, func() bool {
 		got, err = tunnels(observability, agentID)
 		return err == nil && got == n
-	}, func() string { return fmt.Sprintf("kas lists %d tunnels for agent %d (error %v), want %d", got, agentID, err, n) })
+	}, func() string {
+		return fmt.Sprintf("kas lists %d tunnels for agent %d (error %v), want %d", got, agentID, err, n)
+	})
 }
 
 // agentNode is one agentk running in-process.

@@ -123,8 +123,17 @@ func TestCancelledWatchCancelsUpstream(t *testing.T) {
 	if n := e.kube.Watchers(); n != 0 {
 		t.Fatalf("the cluster still has %d watches open", n)
 	}
-	// The watch channel closes once client-go notices.
-	for range w.ResultChan() {
+	// client-go ends the watch too.
+	timeout := time.After(waitFor)
+	for {
+		select {
+		case _, ok := <-w.ResultChan():
+			if !ok {
+				return
+			}
+		case <-timeout:
+			t.Fatal("client-go did not end the cancelled watch")
+		}
 	}
 }
 

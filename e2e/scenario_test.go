@@ -106,9 +106,9 @@ type scenarioAgent struct {
 }
 
 type scenarioUser struct {
-	ID                   int64                `yaml:"id"`
-	Username             string               `yaml:"username"`
-	PersonalAccessTokens []scenarioToken      `yaml:"personal_access_tokens"`
+	ID                   int64               `yaml:"id"`
+	Username             string              `yaml:"username"`
+	PersonalAccessTokens []scenarioToken     `yaml:"personal_access_tokens"`
 	Memberships          scenarioMemberships `yaml:"memberships"`
 }
 
