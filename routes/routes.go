@@ -3,6 +3,7 @@
 package routes
 
 import (
+	"context"
 	"log/slog"
 	"net/http"
 
@@ -74,7 +75,7 @@ func mountKubernetesProxy(r chi.Router, prefix string, h PublicHandlers) {
 type ObservabilityHandlers struct {
 	Gatherer prometheus.Gatherer
 	// Ready reports whether kas can serve (listeners up, Redis answering).
-	Ready func() error
+	Ready func(context.Context) error
 	// Status is the HTML status page and StatusJSON the same data as JSON.
 	Status, StatusJSON http.Handler
 	// MetricsPath, LivenessPath and ReadinessPath are configurable (observability.*.url_path).
@@ -95,8 +96,8 @@ func Observability(c Common, h ObservabilityHandlers) http.Handler {
 	r.Get(h.LivenessPath, func(w http.ResponseWriter, _ *http.Request) {
 		_, _ = w.Write([]byte("ok\n"))
 	})
-	r.Get(h.ReadinessPath, func(w http.ResponseWriter, _ *http.Request) {
-		if err := h.Ready(); err != nil {
+	r.Get(h.ReadinessPath, func(w http.ResponseWriter, r *http.Request) {
+		if err := h.Ready(r.Context()); err != nil {
 			http.Error(w, "not ready: "+err.Error(), http.StatusServiceUnavailable)
 			return
 		}

@@ -27,6 +27,7 @@ import (
 	"github.com/kasproject/kas/server/internalapi"
 	"github.com/kasproject/kas/server/k8sproxy"
 	"github.com/kasproject/kas/server/logging"
+	"github.com/kasproject/kas/server/peer"
 	"github.com/kasproject/kas/server/proxyauth"
 	"github.com/kasproject/kas/server/standalone"
 	"github.com/kasproject/kas/server/tunnel"
@@ -66,13 +67,19 @@ type Server struct {
 	acme *tlsutil.ACME
 	// redis is the node's Redis client once built (see redisClient).
 	redis redis.UniversalClient
+	// Several nodes: the Redis registry, the router to other nodes, and the
+	// private API URLs this node publishes.
+	redisRegistry *registry.Redis
+	peerRouter    *peer.Router
+	nodeURLs      []string
 
 	listeners []*listener
 	ready     atomic.Bool
 	readyCh   chan struct{}
 }
 
-// listener is one configured socket and the HTTP server on it.
+// listener is one configured socket and the server on it: HTTP, or the
+// private API's gRPC server (peer).
 type listener struct {
 	name    string // the config key, e.g. agent.listen
 	network string
@@ -84,11 +91,14 @@ type listener struct {
 	// protocols overrides net/http's default (e.g. h2c for gRPC); nil keeps it.
 	protocols *http.Protocols
 	srv       *http.Server
-	ln        net.Listener
+	// peer serves the private API instead of srv; it does its own TLS.
+	peer *peer.Server
+	ln   net.Listener
 }
 
-// New builds a node from cfg without opening any socket.
-func New(cfg *config.Config, opts Options) (*Server, error) {
+// New builds a node from cfg. It opens no socket, except the private API's
+// when Redis is configured: the node must know its URL to publish it.
+func New(cfg *config.Config, opts Options) (_ *Server, err error) {
 	s := &Server{
 		cfg:       cfg,
 		opts:      opts,
@@ -97,6 +107,12 @@ func New(cfg *config.Config, opts Options) (*Server, error) {
 		metrics:   prometheus.NewRegistry(),
 		readyCh:   make(chan struct{}),
 	}
+	defer func() {
+		if err != nil {
+			s.closeListeners()
+			s.closeTLS()
+		}
+	}()
 	s.metrics.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	httpMetrics, err := middleware.NewMetrics(s.metrics)
 	if err != nil {
@@ -105,7 +121,10 @@ func New(cfg *config.Config, opts Options) (*Server, error) {
 	if err := s.buildAPI(); err != nil {
 		return nil, err
 	}
-	s.registry = registry.NewMemory()
+	router, err := s.buildRouting()
+	if err != nil {
+		return nil, err
+	}
 	if err := s.buildConfigManager(); err != nil {
 		return nil, err
 	}
@@ -129,6 +148,7 @@ func New(cfg *config.Config, opts Options) (*Server, error) {
 		MaxConnectionAge:             cfg.Agent.Listen.MaxConnectionAge.D(),
 		GracePeriod:                  cfg.Agent.Listen.ListenGracePeriod.D(),
 		ConnectionsPerTokenPerMinute: cfg.Agent.Listen.ConnectionsPerTokenPerMinute,
+		NodeURLs:                     s.nodeURLs,
 		Registerer:                   s.metrics,
 		OnConnect:                    onConnect,
 		OnDisconnect:                 onDisconnect,
@@ -138,7 +158,7 @@ func New(cfg *config.Config, opts Options) (*Server, error) {
 	}
 	proxy := k8sproxy.NewHandler(k8sproxy.Options{
 		Auth:             &proxyauth.Authenticator{API: s.api},
-		Router:           k8sproxy.LocalRouter{Registry: s.registry},
+		Router:           router,
 		Logger:           s.log,
 		AgentWaitTimeout: cfg.Agent.KubernetesAPI.AgentWaitTimeout.D(),
 		OnAuthorized:     s.usage.Observe,
@@ -361,6 +381,9 @@ func (s *Server) Run(ctx context.Context) error {
 	defer func() { _ = s.closeAPI() }()
 	defer s.closeTLS()
 	for _, l := range s.listeners {
+		if l.peer != nil {
+			continue // opened by New; gRPC does its own TLS
+		}
 		ln, err := net.Listen(l.network, l.address)
 		if err != nil {
 			s.closeListeners()
@@ -391,9 +414,9 @@ func (s *Server) Run(ctx context.Context) error {
 	var usageDone sync.WaitGroup
 	usageDone.Go(func() { s.usage.Run(usageCtx) })
 	for _, l := range s.listeners {
-		s.log.Info("Listening", "listener", l.name, "network", l.network, "address", l.ln.Addr().String(), "tls", l.tls != nil)
+		s.log.Info("Listening", "listener", l.name, "network", l.network, "address", l.ln.Addr().String(), "tls", l.tls != nil || l.certs != nil)
 		serving.Go(func() {
-			if err := l.srv.Serve(l.ln); !errors.Is(err, http.ErrServerClosed) {
+			if err := l.serve(); err != nil {
 				serveErr <- fmt.Errorf("%s: serve on %s: %w", l.name, l.ln.Addr(), err)
 			}
 		})
@@ -437,9 +460,8 @@ func (s *Server) shutdown() {
 	var wg sync.WaitGroup
 	for _, l := range s.listeners {
 		wg.Go(func() {
-			if err := l.srv.Shutdown(ctx); err != nil {
+			if err := l.shutdown(ctx); err != nil {
 				s.log.Warn("Requests still running at the end of the grace period were cut", "listener", l.name, "error", err.Error())
-				_ = l.srv.Close()
 			}
 		})
 	}
@@ -449,6 +471,7 @@ func (s *Server) shutdown() {
 		}
 	})
 	wg.Wait()
+	s.closeMultiNode(ctx)
 	if s.configs != nil {
 		s.configs.Close()
 	}
@@ -480,11 +503,38 @@ func (s *Server) Addr(name string) net.Addr {
 	return nil
 }
 
-func (s *Server) checkReady() error {
+func (s *Server) checkReady(ctx context.Context) error {
 	if !s.ready.Load() {
-		return errors.New("listeners are not serving (starting or shutting down)")
+		return errNotServing
+	}
+	return s.checkRedis(ctx)
+}
+
+// serve runs the listener's server until it is shut down; nil then.
+func (l *listener) serve() error {
+	if l.peer != nil {
+		return l.peer.Serve(l.ln)
+	}
+	if err := l.srv.Serve(l.ln); !errors.Is(err, http.ErrServerClosed) {
+		return err
 	}
 	return nil
+}
+
+// shutdown stops accepting and waits for in-flight requests until ctx
+// ends, then cuts the rest.
+func (l *listener) shutdown(ctx context.Context) error {
+	if l.peer != nil {
+		return l.peer.Shutdown(ctx)
+	}
+	if l.srv == nil {
+		return nil
+	}
+	err := l.srv.Shutdown(ctx)
+	if err != nil {
+		_ = l.srv.Close()
+	}
+	return err
 }
 
 func (s *Server) status(ctx context.Context) web.Status {
@@ -497,6 +547,10 @@ func (s *Server) status(ctx context.Context) web.Status {
 		st.Error = "list agents: " + err.Error()
 	}
 	st.Agents = agents
+	st.NodeURLs = s.nodeURLs
+	if st.Peers, err = s.peers(ctx); err != nil {
+		st.Error += " list other nodes: " + err.Error()
+	}
 	if s.opts.Recent != nil {
 		st.RecentErrors = s.opts.Recent.Entries()
 	}

@@ -20,6 +20,7 @@ type Status struct {
 	StartedAt    time.Time             `json:"started_at"`
 	Mode         string                `json:"mode"`
 	NodeURLs     []string              `json:"node_urls,omitempty"`
+	Peers        []registry.Node       `json:"peers,omitempty"`
 	Agents       []registry.TunnelInfo `json:"agents"`
 	RecentErrors []logging.Entry       `json:"recent_errors"`
 	Error        string                `json:"error,omitempty"`

@@ -20,6 +20,9 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/redis/go-redis/v9"
+
+	"github.com/kasproject/kas/registry"
 	"github.com/kasproject/kas/server"
 	"github.com/kasproject/kas/server/config"
 	"github.com/kasproject/kas/server/kasjwt"
@@ -107,6 +110,9 @@ func runServer(args []string, stderr io.Writer) int {
 	}
 	recent := logging.NewRecent(50)
 	log := logging.New(stderr, level, recent)
+	// go-redis logs through a process-wide logger; route it into ours,
+	// rate-limited, instead of a line per failed dial on stderr.
+	redis.SetLogger(registry.NewRedisClientLogger(log))
 
 	srv, err := server.New(cfg, server.Options{Logger: log, Recent: recent, Version: version})
 	if err != nil {
