@@ -199,6 +199,12 @@ func (h *Handler) proxyError(w http.ResponseWriter, r *http.Request, err error) 
 	case errors.Is(ctx.Err(), context.Canceled):
 		log.Debug("Caller went away", "error", err.Error())
 		return
+	case errors.Is(err, registry.ErrNoTunnel):
+		// Every node that held a tunnel lost it between routing and sending.
+		log.Info("Agent's tunnels went away", "error", err.Error())
+		w.Header().Set("Retry-After", "5")
+		kubestatus.Write(w, http.StatusServiceUnavailable, kubestatus.ReasonServiceUnavailable,
+			fmt.Sprintf("agent %d is not connected to kas any more; it is probably reconnecting", rt.auth.AgentID))
 	case errors.Is(err, context.DeadlineExceeded):
 		log.Warn("Kubernetes API request timed out", "error", err.Error())
 		kubestatus.Write(w, http.StatusGatewayTimeout, kubestatus.ReasonTimeout,

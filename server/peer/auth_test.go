@@ -2,9 +2,9 @@ package peer
 
 import (
 	"context"
-	"crypto/sha256"
 	"errors"
 	"net/http"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -15,6 +15,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/metadata"
+	reflectionpb "google.golang.org/grpc/reflection/grpc_reflection_v1"
 	"google.golang.org/grpc/status"
 
 	"github.com/kasproject/kas/registry"
@@ -93,7 +94,7 @@ func TestServerAuthenticatesCalls(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			head := &peerpb.RequestHead{AgentId: 7, Method: "GET", Path: "/", EndOfBody: true}
+			head := &peerpb.RequestHead{AgentId: 7, Method: "GET", Path: []byte("/"), EndOfBody: true}
 			_ = stream.Send(&peerpb.ClientMessage{Msg: &peerpb.ClientMessage_Head{Head: head}})
 			_ = stream.CloseSend()
 			_, err = stream.Recv()
@@ -119,9 +120,9 @@ func TestServerRefusesBadRequestHeads(t *testing.T) {
 		wantMsg string
 	}{
 		{"data first", &peerpb.ClientMessage{Msg: &peerpb.ClientMessage_Data{Data: []byte("x")}}, "must be a request head"},
-		{"no agent", headMsg(&peerpb.RequestHead{Method: "GET", Path: "/"}), "agent ID 0"},
-		{"bad method", headMsg(&peerpb.RequestHead{AgentId: 1, Method: "GE T", Path: "/"}), "invalid method"},
-		{"relative path", headMsg(&peerpb.RequestHead{AgentId: 1, Method: "GET", Path: "api"}), "absolute path"},
+		{"no agent", headMsg(&peerpb.RequestHead{Method: "GET", Path: []byte("/")}), "agent ID 0"},
+		{"bad method", headMsg(&peerpb.RequestHead{AgentId: 1, Method: "GE T", Path: []byte("/")}), "invalid method"},
+		{"relative path", headMsg(&peerpb.RequestHead{AgentId: 1, Method: "GET", Path: []byte("api")}), "absolute path"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -214,7 +215,7 @@ func TestVerifierRemembersTokensOnlyUntilExpiry(t *testing.T) {
 	token := expiredToken(t)
 	exp := time.Now().Add(-time.Hour)
 	// As if the token had been verified while it was valid.
-	v.remember(sha256.Sum256([]byte(token)), exp, exp.Add(-time.Minute))
+	v.remember(token, exp, exp.Add(-time.Minute))
 	v.now = func() time.Time { return exp.Add(-time.Second) }
 	if err := v.verify(token); err != nil {
 		t.Fatalf("remembered token refused before its expiry: %v", err)
@@ -227,7 +228,38 @@ func TestVerifierRemembersTokensOnlyUntilExpiry(t *testing.T) {
 	if err := v.verify(good); err != nil {
 		t.Fatal(err)
 	}
-	if _, ok := v.verified[sha256.Sum256([]byte(good))]; !ok {
+	if _, ok := v.verified[good]; !ok {
 		t.Fatal("valid token not remembered")
+	}
+}
+
+func TestReflectionListsServicesToAuthenticatedCallers(t *testing.T) {
+	b := newNode(t, nodeConfig{})
+	client := reflectionpb.NewServerReflectionClient(dialPlain(t, b))
+	token := signToken(t, testSecret, kasjwt.IssuerPrivateAPI, kasjwt.AudiencePrivateAPI)
+	list := func(ctx context.Context) (*reflectionpb.ServerReflectionResponse, error) {
+		ctx, cancel := context.WithTimeout(ctx, testTimeout)
+		defer cancel()
+		stream, err := client.ServerReflectionInfo(ctx)
+		if err != nil {
+			return nil, err
+		}
+		req := &reflectionpb.ServerReflectionRequest{MessageRequest: &reflectionpb.ServerReflectionRequest_ListServices{}}
+		_ = stream.Send(req) // an error means the stream ended; Recv says why
+		return stream.Recv()
+	}
+	if _, err := list(context.Background()); status.Code(err) != codes.Unauthenticated {
+		t.Fatalf("without a token: %v, want Unauthenticated", err)
+	}
+	resp, err := list(metadata.AppendToOutgoingContext(context.Background(), "authorization", "Bearer "+token))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, s := range resp.GetListServicesResponse().GetService() {
+		names = append(names, s.GetName())
+	}
+	if !slices.Contains(names, peerpb.Forward_ServiceDesc.ServiceName) {
+		t.Fatalf("services %v lack %s", names, peerpb.Forward_ServiceDesc.ServiceName)
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -13,8 +14,12 @@ import (
 	"strings"
 	"testing"
 	"time"
+	"unicode/utf8"
+
+	"google.golang.org/grpc"
 
 	"github.com/kasproject/kas/registry"
+	"github.com/kasproject/kas/server/peer/peerpb"
 )
 
 // testTimeout bounds every wait, so a broken path fails instead of hanging.
@@ -47,6 +52,12 @@ func TestForwardCarriesRequest(t *testing.T) {
 			wantSum: patternSHA256(0),
 		},
 		{
+			name: "bytes that are not UTF-8", method: http.MethodGet,
+			target:   "/echo/caf%E9?q=%E9",
+			wantPath: "/echo/caf\xe9", wantRawPath: "", wantQuery: "q=%E9",
+			wantSum: patternSHA256(0),
+		},
+		{
 			name: "small body inline", method: http.MethodPost, target: "/echo/apis/apps/v1/deployments",
 			body: strings.NewReader(`{"kind":"Deployment"}`), wantPath: "/echo/apis/apps/v1/deployments",
 			wantLen: 21, wantSum: sha256Hex([]byte(`{"kind":"Deployment"}`)),
@@ -71,6 +82,7 @@ func TestForwardCarriesRequest(t *testing.T) {
 			req.Header.Add("X-Custom", "one")
 			req.Header.Add("X-Custom", "two")
 			req.Header.Set("Authorization", "Bearer pat:1:secret") // the proxy must strip it
+			req.Header.Set("X-Raw", "caf\xe9")                     // Latin-1, as old clients send
 			resp, err := http.DefaultClient.Do(req)
 			if err != nil {
 				t.Fatal(err)
@@ -87,7 +99,13 @@ func TestForwardCarriesRequest(t *testing.T) {
 			if err := json.NewDecoder(resp.Body).Decode(&got); err != nil {
 				t.Fatal(err)
 			}
-			if got.Method != tt.method || got.Path != tt.wantPath || got.RawPath != tt.wantRawPath || got.RawQuery != tt.wantQuery {
+			if got.PathHex != hex.EncodeToString([]byte(tt.wantPath)) {
+				t.Errorf("agent saw path %s in hex, want %x", got.PathHex, tt.wantPath)
+			}
+			if got.RawHeaderHex != hex.EncodeToString([]byte("caf\xe9")) {
+				t.Errorf("agent saw X-Raw %s in hex, want %x", got.RawHeaderHex, "caf\xe9")
+			}
+			if got.Method != tt.method || (got.Path != tt.wantPath && utf8.ValidString(tt.wantPath)) || got.RawPath != tt.wantRawPath || got.RawQuery != tt.wantQuery {
 				t.Errorf("agent saw %s %s (raw %q) ?%s; want %s %s (raw %q) ?%s",
 					got.Method, got.Path, got.RawPath, got.RawQuery, tt.method, tt.wantPath, tt.wantRawPath, tt.wantQuery)
 			}
@@ -201,25 +219,38 @@ func TestForwardCancellationReachesAgent(t *testing.T) {
 	})
 }
 
-func TestForwardAgentFailureEndsBody(t *testing.T) {
+func TestForwardReportsAgentFailure(t *testing.T) {
 	a, _, _ := twoNodes(t)
 	rt, err := a.router.Route(context.Background(), 1)
 	if err != nil {
 		t.Fatal(err)
 	}
-	req, _ := http.NewRequest(http.MethodGet, "http://agent/abort", nil)
-	resp, err := rt.RoundTrip(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	n, err := io.Copy(io.Discard, resp.Body)
-	if err == nil {
-		t.Fatalf("body ended cleanly after %d bytes; want an error, since the agent failed", n)
-	}
-	if !strings.Contains(err.Error(), "agent 1") {
-		t.Errorf("error %q does not say which agent failed", err)
-	}
+	t.Run("before the response", func(t *testing.T) {
+		req, _ := http.NewRequest(http.MethodGet, "http://agent/abort-before-answering", nil)
+		resp, err := rt.RoundTrip(req)
+		if err == nil {
+			resp.Body.Close()
+			t.Fatal("RoundTrip succeeded; want an error, since the agent failed")
+		}
+		if errors.Is(err, registry.ErrNoTunnel) || !strings.Contains(err.Error(), "agent 1") {
+			t.Errorf("error %q should say agent 1 failed, not that it has no tunnel", err)
+		}
+	})
+	t.Run("in the body", func(t *testing.T) {
+		req, _ := http.NewRequest(http.MethodGet, "http://agent/abort", nil)
+		resp, err := rt.RoundTrip(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		n, err := io.Copy(io.Discard, resp.Body)
+		if err == nil {
+			t.Fatalf("body ended cleanly after %d bytes; want an error, since the agent failed", n)
+		}
+		if !strings.Contains(err.Error(), "agent 1") {
+			t.Errorf("error %q does not say which agent failed", err)
+		}
+	})
 }
 
 func TestForwardTrailers(t *testing.T) {
@@ -246,15 +277,17 @@ func TestForwardTrailers(t *testing.T) {
 	}
 }
 
-func TestForwardUpgrade(t *testing.T) {
-	a, _, _ := twoNodes(t)
-	conn, err := net.Dial("tcp", strings.TrimPrefix(a.proxy.URL, "http://"))
+// dialUpgrade sends an exec upgrade request to path through node n's proxy
+// and returns the connection and the response.
+func dialUpgrade(t *testing.T, n *node, path string) (net.Conn, *bufio.Reader, *http.Response) {
+	t.Helper()
+	conn, err := net.Dial("tcp", strings.TrimPrefix(n.proxy.URL, "http://"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer conn.Close()
+	t.Cleanup(func() { _ = conn.Close() })
 	_ = conn.SetDeadline(time.Now().Add(testTimeout))
-	_, err = io.WriteString(conn, "POST /api/v1/namespaces/default/pods/web/exec?command=sh HTTP/1.1\r\n"+
+	_, err = io.WriteString(conn, "POST "+path+" HTTP/1.1\r\n"+
 		"Host: kas\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\nContent-Length: 0\r\n\r\n")
 	if err != nil {
 		t.Fatal(err)
@@ -264,6 +297,21 @@ func TestForwardUpgrade(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return conn, br, resp
+}
+
+func TestForwardUpgradeRefused(t *testing.T) {
+	a, _, _ := twoNodes(t)
+	_, _, resp := dialUpgrade(t, a, "/api/v1/namespaces/default/pods/web/exec/refused")
+	body, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusForbidden || !strings.Contains(string(body), "exec not allowed") {
+		t.Fatalf("got %s %q; want the agent's 403", resp.Status, body)
+	}
+}
+
+func TestForwardUpgrade(t *testing.T) {
+	a, _, _ := twoNodes(t)
+	conn, br, resp := dialUpgrade(t, a, "/api/v1/namespaces/default/pods/web/exec?command=sh")
 	if resp.StatusCode != http.StatusSwitchingProtocols || resp.Header.Get("Upgrade") != "SPDY/3.1" {
 		t.Fatalf("got %s, Upgrade %q; want 101 to SPDY/3.1", resp.Status, resp.Header.Get("Upgrade"))
 	}
@@ -295,21 +343,40 @@ func TestForwardTriesNextNode(t *testing.T) {
 	c := newNode(t, nodeConfig{})
 	c.connectAgent(t, 1, newTestAgent("c"))
 	a.reg.setRemote([]string{b.url}, []string{c.url})
-	// Successive requests start at successive nodes, so one of two starts at B.
+	// Successive requests start at successive nodes, so one of every two
+	// starts at B.
 	for range 2 {
 		got := getEcho(t, a.proxy.URL+"/echo/x")
 		if got.Agent != "c" {
 			t.Fatalf("served by agent %q, want c", got.Agent)
 		}
 	}
-	if n := counterValue(b.server.results.noTunnel); n != 1 {
-		t.Errorf("node B answered no tunnel %v times, want 1", n)
+	// A body too large to travel inline is still intact when the node that
+	// takes the request is not the first one asked.
+	big := bytes.Repeat([]byte("y"), 100<<10)
+	for range 2 {
+		resp, err := http.Post(a.proxy.URL+"/echo/upload", "application/octet-stream", bytes.NewReader(big))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got echo
+		err = json.NewDecoder(resp.Body).Decode(&got)
+		resp.Body.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got.Agent != "c" || got.BodySHA256 != sha256Hex(big) {
+			t.Fatalf("served by agent %q with a body of %d bytes; want c with all %d", got.Agent, got.BodyLength, len(big))
+		}
 	}
-	if n := counterValue(a.router.metrics.failNoTunnel); n != 1 {
-		t.Errorf("node A counted %v no-tunnel failures, want 1", n)
+	if n := counterValue(b.server.results.noTunnel); n != 2 {
+		t.Errorf("node B answered no tunnel %v times, want 2", n)
 	}
-	if n := counterValue(a.router.metrics.ok); n != 2 {
-		t.Errorf("node A counted %v forwards, want 2", n)
+	if n := counterValue(a.router.metrics.failNoTunnel); n != 2 {
+		t.Errorf("node A counted %v no-tunnel failures, want 2", n)
+	}
+	if n := counterValue(a.router.metrics.ok); n != 4 {
+		t.Errorf("node A counted %v forwards, want 4", n)
 	}
 }
 
@@ -465,5 +532,77 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 			t.Fatalf("timed out waiting for %s", what)
 		}
 		time.Sleep(time.Millisecond)
+	}
+}
+
+// stallingForward takes a request and holds it until its stream ends.
+type stallingForward struct {
+	peerpb.UnimplementedForwardServer
+	took chan struct{}
+}
+
+func (f *stallingForward) RoundTrip(stream grpc.BidiStreamingServer[peerpb.ClientMessage, peerpb.ServerMessage]) error {
+	f.took <- struct{}{}
+	<-stream.Context().Done()
+	return stream.Context().Err()
+}
+
+func TestForwardRetriesOnlyIdempotentRequestsAfterNodeLoss(t *testing.T) {
+	tests := []struct {
+		method    string
+		wantRetry bool
+	}{
+		{http.MethodGet, true},
+		{http.MethodPost, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.method, func(t *testing.T) {
+			a, b, _ := twoNodes(t)
+			// Node D takes the request and then dies before answering.
+			l, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			d := grpc.NewServer()
+			stalling := &stallingForward{took: make(chan struct{})}
+			peerpb.RegisterForwardServer(d, stalling)
+			served := make(chan struct{})
+			go func() { defer close(served); _ = d.Serve(l) }()
+			go func() {
+				<-stalling.took
+				d.Stop()
+			}()
+			t.Cleanup(func() { d.Stop(); <-served })
+			// As two addresses of one node, they are tried in this order.
+			a.reg.setRemote([]string{"grpc://" + l.Addr().String(), b.url})
+
+			rt, err := a.router.Route(context.Background(), 1)
+			if err != nil {
+				t.Fatal(err)
+			}
+			req, _ := http.NewRequest(tt.method, "http://agent/echo", strings.NewReader("body"))
+			resp, err := rt.RoundTrip(req)
+			if !tt.wantRetry {
+				if err == nil {
+					resp.Body.Close()
+					t.Fatal("request sent again after the node that took it was lost")
+				}
+				if errors.Is(err, registry.ErrNoTunnel) {
+					t.Errorf("error %q claims no node holds a tunnel", err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer resp.Body.Close()
+			var got echo
+			if err := json.NewDecoder(resp.Body).Decode(&got); err != nil {
+				t.Fatal(err)
+			}
+			if got.Agent != "b" {
+				t.Fatalf("served by %q, want b", got.Agent)
+			}
+		})
 	}
 }

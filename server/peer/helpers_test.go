@@ -254,6 +254,10 @@ type echo struct {
 	BodyLength int64       `json:"body_length"`
 	BodySHA256 string      `json:"body_sha256"`
 	Identity   string      `json:"identity"`
+	// PathHex and RawHeaderHex are the path and the X-Raw header in hex, so
+	// bytes that are not UTF-8 survive the JSON.
+	PathHex      string `json:"path_hex"`
+	RawHeaderHex string `json:"raw_header_hex"`
 }
 
 func (a *testAgent) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -276,6 +280,7 @@ func (a *testAgent) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		_ = json.NewEncoder(w).Encode(echo{
 			Agent: a.name, Method: r.Method, Path: r.URL.Path, RawPath: r.URL.RawPath, RawQuery: r.URL.RawQuery,
 			Header: r.Header, BodyLength: n, BodySHA256: hex.EncodeToString(sum.Sum(nil)), Identity: id.Username,
+			PathHex: hex.EncodeToString([]byte(r.URL.Path)), RawHeaderHex: hex.EncodeToString([]byte(r.Header.Get("X-Raw"))),
 		})
 	case r.URL.Path == "/small":
 		w.Header().Set("Content-Length", "2")
@@ -312,6 +317,8 @@ func (a *testAgent) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		_, _ = w.Write(make([]byte, 100<<10))
 		w.(http.Flusher).Flush()
 		panic(http.ErrAbortHandler)
+	case r.URL.Path == "/abort-before-answering":
+		panic(http.ErrAbortHandler)
 	default:
 		http.NotFound(w, r)
 	}
@@ -320,6 +327,10 @@ func (a *testAgent) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // upgrade answers an upgrade as agentk does (200 + Kas-Upgrade-Status: 101)
 // and then echoes the caller's bytes in upper case until the caller stops.
 func (a *testAgent) upgrade(w http.ResponseWriter, r *http.Request) {
+	if strings.HasSuffix(r.URL.Path, "/refused") {
+		http.Error(w, "exec not allowed", http.StatusForbidden)
+		return
+	}
 	w.Header().Set(protocol.HeaderUpgradeStatus, "101")
 	w.WriteHeader(http.StatusOK)
 	w.(http.Flusher).Flush()

@@ -15,15 +15,22 @@ import (
 	"net/textproto"
 	"sync"
 	"time"
+	"unsafe"
 
 	"github.com/kasproject/kas/server/peer/peerpb"
 )
 
 // Transport sizes, shared by both ends.
 const (
-	// chunkSize is the most body bytes one data message carries, and the
-	// largest body that travels inside its head message.
-	chunkSize = 64 << 10
+	// chunkSize is the most body bytes one data message carries. gRPC reads
+	// and encodes each message into a pooled buffer that it zeroes whole,
+	// from size classes of 32 KiB and then 1 MiB: a data message (chunk plus
+	// a few bytes of framing) must fit the 32 KiB class, or every chunk
+	// would cost clearing 1 MiB.
+	chunkSize = 32<<10 - 64
+	// maxInlineBody is the largest body that travels inside its head
+	// message, leaving room in the 32 KiB class for the headers.
+	maxInlineBody = 16 << 10
 	// maxMessageSize bounds one gRPC message: a head with large headers
 	// plus an inline body fits with room to spare.
 	maxMessageSize = 16 << 20
@@ -64,33 +71,62 @@ func headersToPB(h http.Header) []*peerpb.Header {
 	if len(h) == 0 {
 		return nil
 	}
-	// One allocation for all entries instead of one per header.
-	store := make([]peerpb.Header, len(h))
+	// One allocation each for all entries and all values, instead of one
+	// per header.
+	count := 0
+	for _, values := range h {
+		count += len(values)
+	}
+	entries := make([]peerpb.Header, len(h))
+	allValues := make([][]byte, count)
 	out := make([]*peerpb.Header, 0, len(h))
-	i := 0
 	for name, values := range h {
-		store[i].Name = name
-		store[i].Values = values
-		out = append(out, &store[i])
-		i++
+		e := &entries[len(out)]
+		e.Name = name
+		e.Values = allValues[:len(values):len(values)]
+		allValues = allValues[len(values):]
+		for i, v := range values {
+			e.Values[i] = stringBytes(v)
+		}
+		out = append(out, e)
 	}
 	return out
 }
 
-// headersFromPB rebuilds an http.Header. Names are canonicalized because they
-// come from another process; for names that already are, this costs nothing.
+// headersFromPB rebuilds an http.Header from a received message, which it
+// keeps using. Names are canonicalized because they come from another
+// process; for names that already are, this costs nothing.
 func headersFromPB(hs []*peerpb.Header) http.Header {
 	h := make(http.Header, len(hs))
+	count := 0
+	for _, e := range hs {
+		count += len(e.GetValues())
+	}
+	allValues := make([]string, count)
 	for _, e := range hs {
 		if e.GetName() == "" {
 			continue
 		}
+		values := allValues[:len(e.Values):len(e.Values)]
+		allValues = allValues[len(e.Values):]
+		for i, v := range e.Values {
+			values[i] = bytesString(v)
+		}
 		name := textproto.CanonicalMIMEHeaderKey(e.Name)
 		if prev, ok := h[name]; ok {
-			h[name] = append(prev, e.Values...)
+			h[name] = append(prev, values...)
 		} else {
-			h[name] = e.Values // the message is ours; no need to copy
+			h[name] = values
 		}
 	}
 	return h
 }
+
+// stringBytes returns the bytes of s without copying them, for fields of a
+// message being sent: marshalling only reads them.
+func stringBytes(s string) []byte { return unsafe.Slice(unsafe.StringData(s), len(s)) }
+
+// bytesString returns b as a string without copying it, for fields of a
+// received message: the protobuf decoder gives each field fresh memory that
+// nothing writes to afterwards.
+func bytesString(b []byte) string { return unsafe.String(unsafe.SliceData(b), len(b)) }

@@ -60,7 +60,11 @@ func newConnPool(tokens *tokenSource, tlsConfig *tls.Config, serverName string, 
 			grpc.WithInitialConnWindowSize(connWindow),
 			grpc.WithReadBufferSize(ioBufferSize),
 			grpc.WithWriteBufferSize(ioBufferSize),
-			grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(maxMessageSize), grpc.MaxCallSendMsgSize(maxMessageSize)),
+			grpc.WithDefaultCallOptions(
+				grpc.ForceCodecV2(newCodec()),
+				grpc.MaxCallRecvMsgSize(maxMessageSize),
+				grpc.MaxCallSendMsgSize(maxMessageSize),
+			),
 			grpc.WithKeepaliveParams(keepalive.ClientParameters{
 				Time:                keepaliveTime,
 				Timeout:             keepaliveTimeout,

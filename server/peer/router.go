@@ -166,9 +166,10 @@ func (ra *remoteAgent) RoundTrip(req *http.Request) (*http.Response, error) {
 func (r *Router) forward(req *http.Request, agentID int64, nodes [][]string) (*http.Response, error) {
 	ctx := req.Context()
 	upgrade := isUpgrade(req.Header)
-	bufp := r.buffers.get()
-	defer r.buffers.put(bufp)
-	head, err := newRequestHead(req, agentID, upgrade, *bufp)
+	head, bufp, err := newRequestHead(req, agentID, upgrade, r.buffers)
+	if bufp != nil {
+		defer r.buffers.put(bufp) // head.Body is serialized by every attempt before forward returns
+	}
 	if err != nil {
 		r.metrics.failed.Inc()
 		return nil, err
@@ -229,20 +230,29 @@ func (r *Router) forward(req *http.Request, agentID int64, nodes [][]string) (*h
 }
 
 func (r *Router) noteSkip(skip *skipError, agentID int64, correlationID string) {
-	log := r.opts.Logger.With("agent_id", agentID, "correlation_id", correlationID, "kas_url", skip.url)
+	log := r.opts.Logger
+	attrs := func(withError bool) []any {
+		a := []any{"agent_id", agentID, "correlation_id", correlationID, "kas_url", skip.url}
+		if withError {
+			a = append(a, "error", skip.err.Error())
+		}
+		return a
+	}
 	switch skip.reason {
 	case reasonNoTunnel:
 		r.metrics.failNoTunnel.Inc()
-		log.Debug("kas node has no tunnel for the agent; trying the next node")
+		if log.Enabled(context.Background(), slog.LevelDebug) {
+			log.Debug("kas node has no tunnel for the agent; trying the next node", attrs(false)...)
+		}
 	case reasonUnreachable:
 		r.metrics.failUnreachable.Inc()
-		log.Warn("kas node unreachable over the private API; trying the next one", "error", skip.Error())
+		log.Warn("kas node unreachable over the private API; trying the next one", attrs(true)...)
 	case reasonRefused:
 		r.metrics.failRefused.Inc()
-		log.Error("kas node refused the private API call; trying the next one", "error", skip.Error())
+		log.Error("kas node refused the private API call; trying the next one", attrs(true)...)
 	case reasonBadURL:
 		r.metrics.failURL.Inc()
-		log.Error("kas node published an unusable private API URL", "error", skip.Error())
+		log.Error("kas node published an unusable private API URL", attrs(true)...)
 	}
 }
 
@@ -257,16 +267,17 @@ type skipError struct {
 func (e *skipError) Error() string { return fmt.Sprintf("kas node %s: %v", e.url, e.err) }
 func (e *skipError) Unwrap() error { return e.err }
 
-// newRequestHead describes req for the peer. A body up to chunkSize is read
-// into buf and sent inline; a larger or unknown one follows in data
-// messages. An upgrade's body is the upgraded stream, sent after the 101.
-func newRequestHead(req *http.Request, agentID int64, upgrade bool, buf []byte) (*peerpb.RequestHead, error) {
+// newRequestHead describes req for the peer. A body up to maxInlineBody is
+// read into a buffer from buffers and sent inline (the caller returns the
+// buffer); a larger or unknown one follows in data messages. An upgrade's
+// body is the upgraded stream, sent after the 101.
+func newRequestHead(req *http.Request, agentID int64, upgrade bool, buffers *bufferPool) (*peerpb.RequestHead, *[]byte, error) {
 	head := &peerpb.RequestHead{
 		AgentId:       agentID,
 		Method:        req.Method,
-		Path:          req.URL.Path,
-		RawPath:       req.URL.RawPath,
-		RawQuery:      req.URL.RawQuery,
+		Path:          stringBytes(req.URL.Path),
+		RawPath:       stringBytes(req.URL.RawPath),
+		RawQuery:      stringBytes(req.URL.RawQuery),
 		Headers:       headersToPB(req.Header),
 		ContentLength: req.ContentLength,
 		CorrelationId: correlation.FromContext(req.Context()),
@@ -274,11 +285,13 @@ func newRequestHead(req *http.Request, agentID int64, upgrade bool, buf []byte) 
 	if head.Method == "" {
 		head.Method = http.MethodGet
 	}
-	if head.Path == "" {
-		head.Path = "/"
+	if len(head.Path) == 0 {
+		head.Path = stringBytes("/")
 	}
-	if head.CorrelationId == "" {
-		head.CorrelationId = req.Header.Get(correlation.Header)
+	// A proto3 string must be UTF-8; an ID the correlation middleware did
+	// not vet is checked here.
+	if id := req.Header.Get(correlation.Header); head.CorrelationId == "" && correlation.Valid(id) {
+		head.CorrelationId = id
 	}
 	switch {
 	case req.Body == nil || req.Body == http.NoBody || upgrade:
@@ -287,18 +300,20 @@ func newRequestHead(req *http.Request, agentID int64, upgrade bool, buf []byte) 
 		if req.Body != nil {
 			_ = req.Body.Close()
 		}
-	case req.ContentLength > 0 && req.ContentLength <= int64(len(buf)):
-		n, err := io.ReadFull(req.Body, buf[:req.ContentLength])
+	case req.ContentLength > 0 && req.ContentLength <= maxInlineBody:
+		bufp := buffers.get()
+		n, err := io.ReadFull(req.Body, (*bufp)[:req.ContentLength])
 		_ = req.Body.Close()
 		if err != nil {
-			return nil, fmt.Errorf("read request body (%d of %d bytes): %w", n, req.ContentLength, err)
+			return nil, bufp, fmt.Errorf("read request body (%d of %d bytes): %w", n, req.ContentLength, err)
 		}
 		head.EndOfBody = true
-		head.Body = buf[:n]
+		head.Body = (*bufp)[:n]
+		return head, bufp, nil
 	case req.ContentLength == 0:
 		head.ContentLength = -1 // a client request's body of length 0 is of unknown length
 	}
-	return head, nil
+	return head, nil, nil
 }
 
 func isUpgrade(h http.Header) bool {
@@ -321,8 +336,9 @@ type call struct {
 	once    sync.Once
 
 	// Response body state, used by the reading goroutine only.
+	in      received // receives into msg
 	msg     peerpb.ServerMessage
-	rest    []byte
+	rest    []byte // body bytes not yet read that came in a message
 	trailer http.Header
 	done    bool // the head carried the whole body
 	err     error
@@ -345,6 +361,7 @@ func (r *Router) attempt(req *http.Request, rawURL string, head *peerpb.RequestH
 		return nil, err
 	}
 	c := &call{r: r, pc: pc, agentID: head.AgentId, reqCtx: req.Context()}
+	c.in.msg = &c.msg
 	c.ctx, c.cancel = context.WithCancelCause(c.reqCtx)
 	c.stream, err = pc.client.RoundTrip(c.ctx)
 	if err != nil {
@@ -365,39 +382,64 @@ func (r *Router) attempt(req *http.Request, rawURL string, head *peerpb.RequestH
 	case !upgrade:
 		_ = c.stream.CloseSend()
 	}
-	if err := c.stream.RecvMsg(&c.msg); err != nil {
+	if err := c.stream.RecvMsg(&c.in); err != nil {
 		c.finish()
 		if !bodySent && c.reqCtx.Err() == nil {
-			if reason := skipReason(err); reason != "" {
+			if reason := skipReason(err, idempotent(head.Method)); reason != "" {
 				return nil, &skipError{url: rawURL, reason: reason, err: err}
 			}
 		}
 		return fatal(c.failure(err))
 	}
 	rh := c.msg.GetHead()
-	if rh == nil || rh.StatusCode < 100 || rh.StatusCode > 999 {
+	if c.in.isData || rh == nil || rh.StatusCode < 100 || rh.StatusCode > 999 {
 		c.finish()
 		return fatal(fmt.Errorf("forward request to agent %d via kas node %s: the node's answer does not start with a valid response head", c.agentID, rawURL))
 	}
 	return c.response(req, rh, upgrade), nil
 }
 
-// skipReason says whether a call that failed before the body was sent can
-// go to another node: the node has no tunnel, or refused the call before
-// looking at it (wrong secret, an older kas without this API).
-func skipReason(err error) string {
+// skipReason says whether a call that failed before any response can go to
+// another node: the node has no tunnel, or refused the call before looking
+// at it (wrong secret, an older kas without this API). A connection that
+// broke, or a tunnel that failed, leaves it unknown whether the agent acted
+// on the request, so only idempotent requests are sent again, as net/http
+// does.
+func skipReason(err error, idempotent bool) string {
 	st := status.Convert(err)
 	switch st.Code() {
 	case codes.NotFound:
-		for _, d := range st.Details() {
-			if info, ok := d.(*errdetails.ErrorInfo); ok && info.Domain == ErrorDomain && info.Reason == ReasonNoTunnel {
-				return reasonNoTunnel
-			}
+		if errorReason(st) == ReasonNoTunnel {
+			return reasonNoTunnel
 		}
 	case codes.Unauthenticated, codes.PermissionDenied, codes.Unimplemented:
 		return reasonRefused
+	case codes.Unavailable:
+		// A node whose tunnel failed took the request: that failure is
+		// the answer.
+		if idempotent && errorReason(st) != ReasonAgentFailed {
+			return reasonUnreachable
+		}
 	}
 	return ""
+}
+
+// errorReason returns the reason of a private API ErrorInfo detail of st.
+func errorReason(st *status.Status) string {
+	for _, d := range st.Details() {
+		if info, ok := d.(*errdetails.ErrorInfo); ok && info.Domain == ErrorDomain {
+			return info.Reason
+		}
+	}
+	return ""
+}
+
+func idempotent(method string) bool {
+	switch method {
+	case http.MethodGet, http.MethodHead, http.MethodOptions:
+		return true
+	}
+	return false
 }
 
 // explainDialError adds the fix to TLS failures an operator can fix.
@@ -463,35 +505,51 @@ func (c *call) setTrailers(hs []*peerpb.Header) {
 
 // Read returns the response body as it arrives.
 func (c *call) Read(p []byte) (int, error) {
-	for len(c.rest) == 0 {
-		if c.err != nil {
+	for {
+		switch {
+		case len(c.rest) > 0:
+			n := copy(p, c.rest)
+			c.rest = c.rest[n:]
+			return n, nil
+		case c.in.data.Remaining() > 0:
+			n, _ := c.in.data.Read(p)
+			return n, nil
+		case c.err != nil:
 			return 0, c.err
 		}
-		if err := c.stream.RecvMsg(&c.msg); err != nil {
-			c.finish()
-			if err == io.EOF {
-				c.err = io.EOF
-			} else {
-				c.err = c.failure(err)
-			}
-			continue
-		}
-		switch m := c.msg.Msg.(type) {
-		case *peerpb.ServerMessage_Data:
-			if c.done {
-				c.fail("body data after a complete response")
-				continue
-			}
-			c.rest = m.Data
-		case *peerpb.ServerMessage_Trailer:
-			c.setTrailers(m.Trailer.GetHeaders())
-		default:
-			c.fail("a second response head")
-		}
+		c.receive()
 	}
-	n := copy(p, c.rest)
-	c.rest = c.rest[n:]
-	return n, nil
+}
+
+// receive takes the next message off the stream.
+func (c *call) receive() {
+	if err := c.stream.RecvMsg(&c.in); err != nil {
+		c.finish()
+		if err == io.EOF {
+			c.err = io.EOF
+		} else {
+			c.err = c.failure(err)
+		}
+		return
+	}
+	if c.in.isData {
+		if c.done {
+			c.fail("body data after a complete response")
+		}
+		return
+	}
+	switch m := c.msg.Msg.(type) {
+	case *peerpb.ServerMessage_Data:
+		if c.done {
+			c.fail("body data after a complete response")
+			return
+		}
+		c.rest = m.Data
+	case *peerpb.ServerMessage_Trailer:
+		c.setTrailers(m.Trailer.GetHeaders())
+	default:
+		c.fail("a second response head")
+	}
 }
 
 // Close ends the call; if the response is not complete, the stream is
@@ -512,6 +570,8 @@ func (c *call) finish() {
 
 func (c *call) fail(what string) {
 	c.finish()
+	_ = c.in.data.Close()
+	c.rest = nil
 	c.err = fmt.Errorf("forward request to agent %d via kas node %s: the node sent %s", c.agentID, c.pc.url, what)
 }
 

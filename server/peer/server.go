@@ -34,11 +34,15 @@ import (
 	"github.com/kasproject/kas/server/peer/peerpb"
 )
 
-// ErrorDomain and ReasonNoTunnel form the google.rpc.ErrorInfo detail of the
-// NOT_FOUND status a node answers when it holds no tunnel for the agent.
+// ErrorDomain and the reasons form the google.rpc.ErrorInfo detail of the
+// statuses a caller acts on: NOT_FOUND with ReasonNoTunnel when a node holds
+// no tunnel for the agent (try another node), UNAVAILABLE with
+// ReasonAgentFailed when the node's tunnel failed the request (the agent
+// may have acted on it).
 const (
-	ErrorDomain    = "kas-private-api"
-	ReasonNoTunnel = "NO_TUNNEL"
+	ErrorDomain       = "kas-private-api"
+	ReasonNoTunnel    = "NO_TUNNEL"
+	ReasonAgentFailed = "AGENT_FAILED"
 )
 
 // ServerOptions configure a Server.
@@ -62,8 +66,9 @@ type ServerOptions struct {
 }
 
 // Server serves the private API: the Forward service, which carries a
-// request to one of this node's tunnels, and the standard gRPC health
-// service.
+// request to one of this node's tunnels; the standard gRPC health service
+// (no token needed); and server reflection, so grpcurl with a private API
+// token can list and describe the API.
 type Server struct {
 	opts    ServerOptions
 	grpc    *grpc.Server
@@ -113,6 +118,7 @@ func NewServer(opts ServerOptions) (*Server, error) {
 	serverOpts := []grpc.ServerOption{
 		grpc.ChainUnaryInterceptor(s.authenticateUnary),
 		grpc.ChainStreamInterceptor(s.authenticateStream),
+		grpc.ForceServerCodecV2(newCodec()),
 		grpc.MaxRecvMsgSize(maxMessageSize),
 		grpc.MaxSendMsgSize(maxMessageSize),
 		grpc.InitialWindowSize(streamWindow),
@@ -239,7 +245,6 @@ func (s *Server) roundTrip(stream forwardStream) error {
 		s.results.noTunnel.Inc()
 		return noTunnelStatus(head.AgentId)
 	}
-	log := s.opts.Logger.With("agent_id", head.AgentId, "correlation_id", head.CorrelationId)
 	if !head.EndOfBody {
 		// Tell the caller this node serves the request, so it starts sending
 		// the body; until now it could still take it to another node.
@@ -247,11 +252,11 @@ func (s *Server) roundTrip(stream forwardStream) error {
 			s.results.canceled.Inc()
 			return err
 		}
-		req.Body = &requestBody{stream: stream}
+		req.Body = newRequestBody(stream)
 	}
 	resp, err := tun.RoundTrip(req)
 	if err != nil {
-		return s.agentFailed(ctx, log, "send request to agent", head.AgentId, err)
+		return s.agentFailed(ctx, head, "send request to agent", err)
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode == http.StatusSwitchingProtocols {
@@ -260,17 +265,21 @@ func (s *Server) roundTrip(stream forwardStream) error {
 			s.results.agentError.Inc()
 			return status.Errorf(codes.Internal, "tunnel to agent %d switched protocols without a writable body", head.AgentId)
 		}
-		return s.serveUpgrade(ctx, log, stream, head.AgentId, resp, rwc)
+		return s.serveUpgrade(ctx, stream, head, resp, rwc)
 	}
-	return s.sendResponse(ctx, log, stream, head.AgentId, resp)
+	return s.sendResponse(ctx, stream, head, resp)
 }
 
 // noTunnelStatus is the answer the routing node recognizes as "try another
 // node".
 func noTunnelStatus(agentID int64) error {
-	st := status.New(codes.NotFound, fmt.Sprintf("no tunnel for agent %d on this node", agentID))
+	return statusWithReason(codes.NotFound, ReasonNoTunnel, agentID, fmt.Sprintf("no tunnel for agent %d on this node", agentID))
+}
+
+func statusWithReason(code codes.Code, reason string, agentID int64, msg string) error {
+	st := status.New(code, msg)
 	if withInfo, err := st.WithDetails(&errdetails.ErrorInfo{
-		Reason:   ReasonNoTunnel,
+		Reason:   reason,
 		Domain:   ErrorDomain,
 		Metadata: map[string]string{"agent_id": strconv.FormatInt(agentID, 10)},
 	}); err == nil {
@@ -288,12 +297,19 @@ func newTunnelRequest(ctx context.Context, head *peerpb.RequestHead) (*http.Requ
 	if !httpguts.ValidHeaderFieldName(head.Method) { // a method is a token, like a header name
 		return nil, fmt.Errorf("request head has invalid method %q", clip(head.Method))
 	}
-	if !strings.HasPrefix(head.Path, "/") {
-		return nil, fmt.Errorf("request head has path %q; want an absolute path", clip(head.Path))
+	path := bytesString(head.Path)
+	if !strings.HasPrefix(path, "/") {
+		return nil, fmt.Errorf("request head has path %q; want an absolute path", clip(path))
 	}
 	req := &http.Request{
-		Method:        head.Method,
-		URL:           &url.URL{Scheme: "http", Host: "agent", Path: head.Path, RawPath: head.RawPath, RawQuery: head.RawQuery},
+		Method: head.Method,
+		URL: &url.URL{
+			Scheme:   "http",
+			Host:     "agent",
+			Path:     path,
+			RawPath:  bytesString(head.RawPath),
+			RawQuery: bytesString(head.RawQuery),
+		},
 		Proto:         "HTTP/1.1",
 		ProtoMajor:    1,
 		ProtoMinor:    1,
@@ -324,42 +340,61 @@ func clip(s string) string {
 // half-close ends it.
 type requestBody struct {
 	stream forwardStream
+	in     received // receives into msg
 	msg    peerpb.ClientMessage
 	rest   []byte
 	err    error
 }
 
+func newRequestBody(stream forwardStream) *requestBody {
+	b := &requestBody{stream: stream}
+	b.in.msg = &b.msg
+	return b
+}
+
 func (b *requestBody) Read(p []byte) (int, error) {
-	for len(b.rest) == 0 {
-		if b.err != nil {
+	for {
+		switch {
+		case len(b.rest) > 0:
+			n := copy(p, b.rest)
+			b.rest = b.rest[n:]
+			return n, nil
+		case b.in.data.Remaining() > 0:
+			n, _ := b.in.data.Read(p)
+			return n, nil
+		case b.err != nil:
 			return 0, b.err
 		}
-		if err := b.stream.RecvMsg(&b.msg); err != nil {
-			if err == io.EOF {
-				b.err = io.EOF
-			} else {
-				b.err = fmt.Errorf("receive request body from peer: %w", err)
-			}
-			continue
-		}
-		data, ok := b.msg.Msg.(*peerpb.ClientMessage_Data)
-		if !ok {
-			b.err = errors.New("peer sent something other than body data after the request head")
-			continue
-		}
-		b.rest = data.Data
+		b.receive()
 	}
-	n := copy(p, b.rest)
-	b.rest = b.rest[n:]
-	return n, nil
+}
+
+func (b *requestBody) receive() {
+	if err := b.stream.RecvMsg(&b.in); err != nil {
+		if err == io.EOF {
+			b.err = io.EOF
+		} else {
+			b.err = fmt.Errorf("receive request body from peer: %w", err)
+		}
+		return
+	}
+	if b.in.isData {
+		return
+	}
+	data, ok := b.msg.Msg.(*peerpb.ClientMessage_Data)
+	if !ok {
+		b.err = errors.New("peer sent something other than body data after the request head")
+		return
+	}
+	b.rest = data.Data
 }
 
 // Close does nothing: the stream ends when the handler returns.
 func (b *requestBody) Close() error { return nil }
 
-// sendResponse streams resp to the caller. A body that fits in one chunk
+// sendResponse streams resp to the caller. A small body of known length
 // travels inside the head message, so a small response is one message.
-func (s *Server) sendResponse(ctx context.Context, log *slog.Logger, stream forwardStream, agentID int64, resp *http.Response) error {
+func (s *Server) sendResponse(ctx context.Context, stream forwardStream, req *peerpb.RequestHead, resp *http.Response) error {
 	bufp := s.buffers.get()
 	defer s.buffers.put(bufp)
 	buf := *bufp
@@ -370,10 +405,10 @@ func (s *Server) sendResponse(ctx context.Context, log *slog.Logger, stream forw
 		TrailerNames:  trailerNames(resp.Trailer),
 	}
 	n := 0
-	// A known length below the buffer size leaves room to see EOF.
-	if resp.ContentLength >= 0 && resp.ContentLength < int64(len(buf)) {
+	if resp.ContentLength >= 0 && resp.ContentLength <= maxInlineBody {
 		var err error
-		n, err = readUntilFull(resp.Body, buf)
+		// One byte more than allowed leaves room to see EOF.
+		n, err = readUntilFull(resp.Body, buf[:maxInlineBody+1])
 		if err == io.EOF {
 			head.EndOfBody = true
 			head.Body = buf[:n]
@@ -385,7 +420,7 @@ func (s *Server) sendResponse(ctx context.Context, log *slog.Logger, stream forw
 			return nil
 		}
 		if err != nil {
-			return s.agentFailed(ctx, log, "read response body from agent", agentID, err)
+			return s.agentFailed(ctx, req, "read response body from agent", err)
 		}
 	}
 	if err := stream.SendMsg(&peerpb.ServerMessage{Msg: &peerpb.ServerMessage_Head{Head: head}}); err != nil {
@@ -411,7 +446,7 @@ func (s *Server) sendResponse(ctx context.Context, log *slog.Logger, stream forw
 			break
 		}
 		if err != nil {
-			return s.agentFailed(ctx, log, "read response body from agent", agentID, err)
+			return s.agentFailed(ctx, req, "read response body from agent", err)
 		}
 	}
 	if len(resp.Trailer) > 0 {
@@ -452,7 +487,7 @@ func trailerNames(h http.Header) []string {
 // serveUpgrade carries an upgraded connection: the agent's bytes as data
 // messages to the caller, the caller's data messages to the agent. The
 // caller half-closing means it is done; the agent closing ends the stream.
-func (s *Server) serveUpgrade(ctx context.Context, log *slog.Logger, stream forwardStream, agentID int64, resp *http.Response, rwc io.ReadWriteCloser) error {
+func (s *Server) serveUpgrade(ctx context.Context, stream forwardStream, req *peerpb.RequestHead, resp *http.Response, rwc io.ReadWriteCloser) error {
 	head := &peerpb.ResponseHead{StatusCode: int32(resp.StatusCode), Headers: headersToPB(resp.Header), ContentLength: -1}
 	if err := stream.SendMsg(&peerpb.ServerMessage{Msg: &peerpb.ServerMessage_Head{Head: head}}); err != nil {
 		return s.callerGone(err)
@@ -496,7 +531,7 @@ func (s *Server) serveUpgrade(ctx context.Context, log *slog.Logger, stream forw
 			return nil
 		}
 		if err != nil {
-			return s.agentFailed(ctx, log, "read upgraded stream from agent", agentID, err)
+			return s.agentFailed(ctx, req, "read upgraded stream from agent", err)
 		}
 	}
 }
@@ -514,14 +549,15 @@ func closeWrite(rwc io.ReadWriteCloser) {
 
 // agentFailed turns a tunnel failure into the stream's status: the caller's
 // own cancellation or deadline as such, anything else as UNAVAILABLE.
-func (s *Server) agentFailed(ctx context.Context, log *slog.Logger, doing string, agentID int64, err error) error {
+func (s *Server) agentFailed(ctx context.Context, req *peerpb.RequestHead, doing string, err error) error {
 	if ctx.Err() != nil {
 		s.results.canceled.Inc()
 		return status.FromContextError(ctx.Err()).Err()
 	}
 	s.results.agentError.Inc()
-	log.Info("Forwarded request through agent failed", "doing", doing, "error", err.Error())
-	return status.Errorf(codes.Unavailable, "agent %d: %s: %v", agentID, doing, err)
+	s.opts.Logger.Info("Forwarded request through agent failed", "agent_id", req.AgentId,
+		"correlation_id", req.CorrelationId, "doing", doing, "error", err.Error())
+	return statusWithReason(codes.Unavailable, ReasonAgentFailed, req.AgentId, fmt.Sprintf("agent %d: %s: %v", req.AgentId, doing, err))
 }
 
 // callerGone accounts for a send that failed because the stream ended.

@@ -207,15 +207,17 @@ func (*ServerMessage_Data) isServerMessage_Msg() {}
 
 func (*ServerMessage_Trailer) isServerMessage_Msg() {}
 
+// Fields that come from HTTP and need not be UTF-8 (paths, queries, header
+// values) are bytes: proto3 strings must be valid UTF-8.
 type RequestHead struct {
 	state   protoimpl.MessageState `protogen:"open.v1"`
 	AgentId int64                  `protobuf:"varint,1,opt,name=agent_id,json=agentId,proto3" json:"agent_id,omitempty"`
 	Method  string                 `protobuf:"bytes,2,opt,name=method,proto3" json:"method,omitempty"`
 	// path is the decoded URL path; raw_path its encoding when it is not the
 	// default one (net/url's URL.RawPath).
-	Path     string `protobuf:"bytes,3,opt,name=path,proto3" json:"path,omitempty"`
-	RawPath  string `protobuf:"bytes,4,opt,name=raw_path,json=rawPath,proto3" json:"raw_path,omitempty"`
-	RawQuery string `protobuf:"bytes,5,opt,name=raw_query,json=rawQuery,proto3" json:"raw_query,omitempty"`
+	Path     []byte `protobuf:"bytes,3,opt,name=path,proto3" json:"path,omitempty"`
+	RawPath  []byte `protobuf:"bytes,4,opt,name=raw_path,json=rawPath,proto3" json:"raw_path,omitempty"`
+	RawQuery []byte `protobuf:"bytes,5,opt,name=raw_query,json=rawQuery,proto3" json:"raw_query,omitempty"`
 	// headers are forwarded as they are, including the identity the agent
 	// impersonates: the calling node has authenticated the caller.
 	Headers []*Header `protobuf:"bytes,6,rep,name=headers,proto3" json:"headers,omitempty"`
@@ -274,25 +276,25 @@ func (x *RequestHead) GetMethod() string {
 	return ""
 }
 
-func (x *RequestHead) GetPath() string {
+func (x *RequestHead) GetPath() []byte {
 	if x != nil {
 		return x.Path
 	}
-	return ""
+	return nil
 }
 
-func (x *RequestHead) GetRawPath() string {
+func (x *RequestHead) GetRawPath() []byte {
 	if x != nil {
 		return x.RawPath
 	}
-	return ""
+	return nil
 }
 
-func (x *RequestHead) GetRawQuery() string {
+func (x *RequestHead) GetRawQuery() []byte {
 	if x != nil {
 		return x.RawQuery
 	}
-	return ""
+	return nil
 }
 
 func (x *RequestHead) GetHeaders() []*Header {
@@ -473,7 +475,7 @@ func (x *Trailer) GetHeaders() []*Header {
 type Header struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	Values        []string               `protobuf:"bytes,2,rep,name=values,proto3" json:"values,omitempty"`
+	Values        [][]byte               `protobuf:"bytes,2,rep,name=values,proto3" json:"values,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -515,7 +517,7 @@ func (x *Header) GetName() string {
 	return ""
 }
 
-func (x *Header) GetValues() []string {
+func (x *Header) GetValues() [][]byte {
 	if x != nil {
 		return x.Values
 	}
@@ -539,9 +541,9 @@ const file_forward_proto_rawDesc = "" +
 	"\vRequestHead\x12\x19\n" +
 	"\bagent_id\x18\x01 \x01(\x03R\aagentId\x12\x16\n" +
 	"\x06method\x18\x02 \x01(\tR\x06method\x12\x12\n" +
-	"\x04path\x18\x03 \x01(\tR\x04path\x12\x19\n" +
-	"\braw_path\x18\x04 \x01(\tR\arawPath\x12\x1b\n" +
-	"\traw_query\x18\x05 \x01(\tR\brawQuery\x12-\n" +
+	"\x04path\x18\x03 \x01(\fR\x04path\x12\x19\n" +
+	"\braw_path\x18\x04 \x01(\fR\arawPath\x12\x1b\n" +
+	"\traw_query\x18\x05 \x01(\fR\brawQuery\x12-\n" +
 	"\aheaders\x18\x06 \x03(\v2\x13.kas.peer.v1.HeaderR\aheaders\x12%\n" +
 	"\x0econtent_length\x18\a \x01(\x03R\rcontentLength\x12%\n" +
 	"\x0ecorrelation_id\x18\b \x01(\tR\rcorrelationId\x12\x1e\n" +
@@ -561,7 +563,7 @@ const file_forward_proto_rawDesc = "" +
 	"\aheaders\x18\x01 \x03(\v2\x13.kas.peer.v1.HeaderR\aheaders\"4\n" +
 	"\x06Header\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
-	"\x06values\x18\x02 \x03(\tR\x06values2R\n" +
+	"\x06values\x18\x02 \x03(\fR\x06values2R\n" +
 	"\aForward\x12G\n" +
 	"\tRoundTrip\x12\x1a.kas.peer.v1.ClientMessage\x1a\x1a.kas.peer.v1.ServerMessage(\x010\x01B.Z,github.com/kasproject/kas/server/peer/peerpbb\x06proto3"
 
