@@ -16,10 +16,15 @@
 //	go run ./cmd/kasbench                   # table on stdout
 //	go run ./cmd/kasbench -json out.json    # and machine-readable results
 //	go run ./cmd/kasbench -duration 2s -tests small -paths chain,tunnel
-//	go run ./cmd/kasbench -profile /tmp/prof   # CPU profiles of every process
+//	go run ./cmd/kasbench -profile /tmp/prof   # CPU and allocation profiles of every process
 //
 // The load generator is a Go HTTP/1.1 client in this process, or wrk
-// (-loadgen wrk, one thread) when it is installed.
+// (-loadgen wrk, one thread) when it is installed. With the Go client the
+// paths take turns in one-second slices, so background load on a shared
+// machine hits every path alike. Every data point also reports the CPU time
+// the path's processes spent per request or per GB (read from /proc), which
+// depends far less on what else the machine runs than requests/s do.
+// Memory and CPU readings need Linux's /proc.
 package main
 
 import (
@@ -263,10 +268,12 @@ func runBench(ctx context.Context, s settings, profileDir string, keep bool, pro
 		}
 		targets[pathTunnel] = target{path: pathTunnel, base: "http://" + kas.ready.Addr + "/k8s-proxy", procs: []*child{kas, agentk, upstream}}
 	}
+	check := newClient(1)
+	defer check.CloseIdleConnections()
 	for p, t := range targets {
 		t.authorization = b.creds.bearerValue
 		targets[p] = t
-		if err := getSmall(ctx, newClient(1), t, make([]byte, 4096)); err != nil {
+		if err := getSmall(ctx, check, t, make([]byte, 4096)); err != nil {
 			return res, fmt.Errorf("check the %s path: %w", p, err)
 		}
 	}

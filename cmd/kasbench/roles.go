@@ -262,7 +262,7 @@ func serveHop(ctx context.Context, args []string, ready func(readyMessage)) erro
 	transport.MaxIdleConnsPerHost = maxConcurrency
 	transport.MaxIdleConns = maxConcurrency
 	proxy := &httputil.ReverseProxy{
-		Rewrite:   func(pr *httputil.ProxyRequest) { pr.SetURL(u); pr.Out.Host = pr.In.Host },
+		Rewrite:   func(pr *httputil.ProxyRequest) { pr.SetURL(u) },
 		Transport: transport,
 	}
 	defer transport.CloseIdleConnections()

@@ -92,6 +92,14 @@ observability:
     address: 127.0.0.1:0
   logging:
     level: %s
+# Every listener on a free port: two kas run at once during the memory
+# measurement, and the machine may run another kas.
+api:
+  listen:
+    address: 127.0.0.1:0
+private_api:
+  listen:
+    address: 127.0.0.1:0
 standalone:
   file: standalone.yaml
 `, kasLogLevel)
