@@ -19,6 +19,8 @@ import (
 	"strings"
 
 	"gopkg.in/yaml.v3"
+
+	"github.com/kasproject/kas/internal/suggest"
 )
 
 // Config is the part of an agent's configuration file that kas enforces.
@@ -205,7 +207,7 @@ func validateTopLevel(ps *problems, rest map[string]any) {
 	for key := range rest {
 		normalized := strings.ReplaceAll(strings.ToLower(key), "-", "_")
 		for _, known := range []string{"ci_access", "user_access"} {
-			if normalized == known || editDistance(normalized, known) <= 2 {
+			if normalized == known || suggest.Distance(normalized, known) <= 2 {
 				ps.add(path{key}, "unknown key %q: did you mean %s?", key, known)
 			}
 		}
@@ -377,25 +379,4 @@ func yamlMessageProblem(msg string) Problem {
 
 func syntaxProblem(err error) Problem {
 	return yamlMessageProblem(err.Error())
-}
-
-// editDistance is the Levenshtein distance between a and b.
-func editDistance(a, b string) int {
-	prev := make([]int, len(b)+1)
-	cur := make([]int, len(b)+1)
-	for j := range prev {
-		prev[j] = j
-	}
-	for i := 1; i <= len(a); i++ {
-		cur[0] = i
-		for j := 1; j <= len(b); j++ {
-			cost := 1
-			if a[i-1] == b[j-1] {
-				cost = 0
-			}
-			cur[j] = min(prev[j]+1, cur[j-1]+1, prev[j-1]+cost)
-		}
-		prev, cur = cur, prev
-	}
-	return prev[len(b)]
 }

@@ -7,6 +7,8 @@ import (
 	"strings"
 
 	"gopkg.in/yaml.v3"
+
+	"github.com/kasproject/kas/internal/suggest"
 )
 
 // yaml.v3 can reject unknown keys (KnownFields) and report type errors, but it
@@ -150,13 +152,7 @@ func structFields(t reflect.Type) (map[string][]int, []string) {
 // unknownKeyMessage explains an unknown key at the level named parent,
 // suggesting the closest known key when one is close enough to be a typo.
 func unknownKeyMessage(parent, name string, known []string) string {
-	best, bestDist := "", -1
-	for _, k := range known {
-		if dist := editDistance(name, k); bestDist < 0 || dist < bestDist {
-			best, bestDist = k, dist
-		}
-	}
-	if best != "" && bestDist <= max(2, len(name)/3) {
+	if best, ok := suggest.Closest(name, known, max(2, len(name)/3)); ok {
 		return fmt.Sprintf("unknown key %s; did you mean %s?", joinKey(parent, name), joinKey(parent, best))
 	}
 	where := "at the top level"
@@ -164,27 +160,6 @@ func unknownKeyMessage(parent, name string, known []string) string {
 		where = "under " + parent
 	}
 	return fmt.Sprintf("unknown key %s; the keys %s are %s", joinKey(parent, name), where, strings.Join(known, ", "))
-}
-
-// editDistance is the Levenshtein distance between a and b.
-func editDistance(a, b string) int {
-	prev := make([]int, len(b)+1)
-	cur := make([]int, len(b)+1)
-	for j := range prev {
-		prev[j] = j
-	}
-	for i := 1; i <= len(a); i++ {
-		cur[0] = i
-		for j := 1; j <= len(b); j++ {
-			cost := 1
-			if a[i-1] == b[j-1] {
-				cost = 0
-			}
-			cur[j] = min(prev[j]+1, cur[j-1]+1, prev[j-1]+cost)
-		}
-		prev, cur = cur, prev
-	}
-	return prev[len(b)]
 }
 
 func resolveAlias(n *yaml.Node) *yaml.Node {
