@@ -1,8 +1,10 @@
 // Command quickstart runs kas on one machine with everything it needs: kas in
 // standalone mode on its default ports (agents and tokens from
 // testdata/standalone), an agentk connected to it, and a sample Kubernetes API
-// server (internal/fakekube) standing in for a cluster. It checks the path
-// end to end, prints curl and kubectl command lines that work, and runs until
+// server (internal/fakekube) standing in for a cluster. The public listener
+// serves HTTPS with a certificate made for the occasion, because kubectl only
+// sends a token over TLS. It checks the path end to end the way kubectl
+// would, prints curl and kubectl command lines that work, and runs until
 // interrupted.
 //
 //	go run ./cmd/quickstart            # run until Ctrl-C
@@ -11,11 +13,18 @@ package main
 
 import (
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
 	"errors"
 	"flag"
 	"fmt"
-	"io"
 	"log/slog"
+	"math/big"
 	"net"
 	"net/http"
 	"os"
@@ -24,7 +33,10 @@ import (
 	"syscall"
 	"time"
 
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/kasproject/kas/agent"
 	"github.com/kasproject/kas/internal/fakekube"
@@ -42,23 +54,37 @@ const (
 func main() {
 	configFile := flag.String("configuration-file", "testdata/quickstart/kas.yaml", "kas configuration `file`")
 	check := flag.Bool("check", false, "check the proxy once and exit instead of running until interrupted")
-	logFile := flag.String("log-file", filepath.Join(os.TempDir(), "kas-quickstart.log"), "where kas and agentk write their JSON logs")
+	dir := flag.String("dir", filepath.Join(os.TempDir(), "kas-quickstart"), "`directory` for the logs, the certificate and the kubeconfig")
 	flag.Parse()
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	if err := run(ctx, *configFile, *logFile, *check); err != nil {
+	if err := run(ctx, *configFile, *dir, *check); err != nil {
 		fmt.Fprintln(os.Stderr, "quickstart:", err)
 		os.Exit(1)
 	}
 }
 
-func run(ctx context.Context, configFile, logFile string, check bool) error {
+func run(ctx context.Context, configFile, dir string, check bool) error {
 	cfg, err := config.Load(configFile, os.Getenv)
 	if err != nil {
 		return fmt.Errorf("load %s (run from the repository's top folder): %w", configFile, err)
 	}
-	logOut, err := os.Create(logFile)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("create %s: %w", dir, err)
+	}
+	files := quickstartFiles{
+		log:        filepath.Join(dir, "kas.log"),
+		cert:       filepath.Join(dir, "kas.crt"),
+		key:        filepath.Join(dir, "kas.key"),
+		kubeconfig: filepath.Join(dir, "kubeconfig"),
+	}
+	if err := writeCertificate(files.cert, files.key); err != nil {
+		return err
+	}
+	cfg.Agent.Listen.CertificateFile, cfg.Agent.Listen.KeyFile = files.cert, files.key
+
+	logOut, err := os.Create(files.log)
 	if err != nil {
 		return fmt.Errorf("create log file: %w", err)
 	}
@@ -92,9 +118,14 @@ func run(ctx context.Context, configFile, logFile string, check bool) error {
 	public := kas.Addr("agent.listen").String()
 	observability := kas.Addr("observability.listen").String()
 
+	roots, err := certPool(files.cert)
+	if err != nil {
+		return err
+	}
 	agentk, err := agent.New(agent.Options{
-		KASAddress:   "ws://" + public,
+		KASAddress:   "wss://" + public,
 		Token:        agentToken,
+		TLS:          &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12},
 		RESTConfig:   &rest.Config{Host: clusterURL},
 		Logger:       log.With("component", "agentk"),
 		AgentVersion: "quickstart",
@@ -109,29 +140,32 @@ func run(ctx context.Context, configFile, logFile string, check bool) error {
 	select {
 	case <-agentk.Connected():
 	case <-time.After(15 * time.Second):
-		return fmt.Errorf("agentk did not connect to kas within 15s; see %s", logFile)
+		return fmt.Errorf("agentk did not connect to kas within 15s; see %s", files.log)
 	case <-ctx.Done():
 		return nil
 	}
 
-	proxyURL := "http://" + public + "/k8s-proxy"
-	body, err := get(ctx, proxyURL+"/api/v1/namespaces", userPAT)
+	proxyURL := "https://" + public + "/k8s-proxy"
+	if err := writeKubeconfig(files.kubeconfig, proxyURL, files.cert); err != nil {
+		return err
+	}
+	names, err := listNamespaces(ctx, files.kubeconfig)
 	if err != nil {
-		return fmt.Errorf("check the proxy: %w (logs: %s)", err, logFile)
+		return fmt.Errorf("check the proxy as kubectl would: %w (logs: %s)", err, files.log)
 	}
 	fmt.Printf(`kas is running in standalone mode; agent "prod" (id 1) is connected to it.
-  public listener:        %[1]s  (agents, Kubernetes API proxy)
-  observability listener: %[2]s  (metrics, readiness, status page)
-  sample cluster API:     %[3]s
-  logs:                   %[4]s
+  public listener:        https://%[1]s  (agents, Kubernetes API proxy; certificate %[2]s)
+  observability listener: http://%[3]s  (metrics, readiness, status page)
+  sample cluster API:     %[4]s
+  logs:                   %[5]s
 
-Checked: GET /api/v1/namespaces through the proxy as alice answered:
-  %[5]s
+Checked: listing namespaces through the proxy as alice, with the kubeconfig below, found %[6]v.
 Try it yourself:
-  curl -H "Authorization: Bearer %[6]s" %[7]s/api/v1/namespaces
-  kubectl --server %[7]s --token %[6]s get namespaces
-  curl http://%[2]s/readiness
-`, public, observability, clusterURL, logFile, truncate(body, 160), userPAT, proxyURL)
+  curl --cacert %[2]s -H "Authorization: Bearer %[7]s" %[8]s/api/v1/namespaces
+  kubectl --kubeconfig %[9]s get namespaces
+  kubectl --server %[8]s --certificate-authority %[2]s --token %[7]s get namespaces
+  curl http://%[3]s/readiness
+`, public, files.cert, observability, clusterURL, files.log, names, userPAT, proxyURL, files.kubeconfig)
 
 	if check {
 		cancel()
@@ -141,32 +175,105 @@ Try it yourself:
 	return errors.Join(<-agentDone, <-kasDone)
 }
 
-func get(ctx context.Context, url, token string) (string, error) {
-	ctx, cancel := context.WithTimeout(ctx, 15*time.Second)
-	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
-	if err != nil {
-		return "", err
-	}
-	req.Header.Set("Authorization", "Bearer "+token)
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return "", err
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	if err != nil {
-		return "", err
-	}
-	if resp.StatusCode != http.StatusOK {
-		return "", fmt.Errorf("%s answered %s: %s", url, resp.Status, b)
-	}
-	return string(b), nil
+type quickstartFiles struct {
+	log, cert, key, kubeconfig string
 }
 
-func truncate(s string, n int) string {
-	if len(s) > n {
-		return s[:n] + "…"
+// listNamespaces loads the kubeconfig with client-go's clientcmd — the
+// loader kubectl uses — and lists namespaces through the proxy.
+func listNamespaces(ctx context.Context, kubeconfig string) ([]string, error) {
+	restConfig, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
+	if err != nil {
+		return nil, fmt.Errorf("load kubeconfig %s: %w", kubeconfig, err)
 	}
-	return s
+	client, err := kubernetes.NewForConfig(restConfig)
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	defer cancel()
+	list, err := client.CoreV1().Namespaces().List(ctx, metav1.ListOptions{})
+	if err != nil {
+		return nil, err
+	}
+	names := make([]string, 0, len(list.Items))
+	for _, ns := range list.Items {
+		names = append(names, ns.Name)
+	}
+	return names, nil
+}
+
+func writeKubeconfig(path, server, caFile string) error {
+	content := fmt.Sprintf(`apiVersion: v1
+kind: Config
+clusters:
+- name: kas-quickstart
+  cluster:
+    server: %s
+    certificate-authority: %s
+users:
+- name: alice
+  user:
+    token: %s
+contexts:
+- name: kas-quickstart
+  context: {cluster: kas-quickstart, user: alice}
+current-context: kas-quickstart
+`, server, caFile, userPAT)
+	if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
+		return fmt.Errorf("write kubeconfig: %w", err)
+	}
+	return nil
+}
+
+// writeCertificate makes a self-signed certificate for 127.0.0.1 and
+// localhost, valid for a week: it is its own CA for curl and kubectl.
+func writeCertificate(certFile, keyFile string) error {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return fmt.Errorf("generate key: %w", err)
+	}
+	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 120))
+	if err != nil {
+		return fmt.Errorf("generate serial: %w", err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber:          serial,
+		Subject:               pkix.Name{CommonName: "kas quickstart"},
+		NotBefore:             time.Now().Add(-time.Hour),
+		NotAfter:              time.Now().Add(7 * 24 * time.Hour),
+		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign,
+		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		BasicConstraintsValid: true,
+		IsCA:                  true,
+		DNSNames:              []string{"localhost"},
+		IPAddresses:           []net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		return fmt.Errorf("create certificate: %w", err)
+	}
+	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		return fmt.Errorf("encode key: %w", err)
+	}
+	if err := os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644); err != nil {
+		return fmt.Errorf("write certificate: %w", err)
+	}
+	if err := os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}), 0o600); err != nil {
+		return fmt.Errorf("write key: %w", err)
+	}
+	return nil
+}
+
+func certPool(certFile string) (*x509.CertPool, error) {
+	pemBytes, err := os.ReadFile(certFile)
+	if err != nil {
+		return nil, fmt.Errorf("read %s: %w", certFile, err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pemBytes) {
+		return nil, fmt.Errorf("%s holds no certificate", certFile)
+	}
+	return pool, nil
 }

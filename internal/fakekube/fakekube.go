@@ -117,6 +117,7 @@ func (s *Server) record(r *http.Request) {
 // ServeHTTP answers:
 //
 //	GET  /version                         a version.Info
+//	GET  /api, /api/v1, /apis             discovery: the core group with namespaces
 //	GET  /api/v1/namespaces               a NamespaceList (watch=true: a watch stream fed by Emit)
 //	GET  /api/v1/namespaces/{ns}/pods/{p}/log?follow=true   lines every 10ms until the client leaves
 //	GET  /bytes?size=N                    N bytes of data, streamed (chunked=true: without Content-Length)
@@ -133,6 +134,18 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	switch {
 	case r.URL.Path == "/version":
 		writeJSON(w, map[string]string{"major": "1", "minor": "33", "gitVersion": "v1.33.0-fakekube", "platform": "linux/amd64"})
+	// Discovery, as kubectl asks before anything else: the core group with
+	// namespaces, and no other group.
+	case r.URL.Path == "/api":
+		writeJSON(w, map[string]any{"kind": "APIVersions", "versions": []string{"v1"},
+			"serverAddressByClientCIDRs": []any{map[string]string{"clientCIDR": "0.0.0.0/0", "serverAddress": r.Host}}})
+	case r.URL.Path == "/api/v1":
+		writeJSON(w, map[string]any{"kind": "APIResourceList", "groupVersion": "v1", "resources": []any{
+			map[string]any{"name": "namespaces", "singularName": "namespace", "namespaced": false, "kind": "Namespace",
+				"verbs": []string{"get", "list", "watch"}, "shortNames": []string{"ns"}},
+		}})
+	case r.URL.Path == "/apis":
+		writeJSON(w, map[string]any{"kind": "APIGroupList", "apiVersion": "v1", "groups": []any{}})
 	case r.URL.Path == "/api/v1/namespaces" && r.URL.Query().Get("watch") != "" && r.URL.Query().Get("watch") != "false":
 		s.watch(w, r)
 	case r.URL.Path == "/api/v1/namespaces":
