@@ -12,6 +12,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	"github.com/gorilla/websocket"
 	"github.com/prometheus/client_golang/prometheus"
@@ -327,19 +328,32 @@ func subprotocolOffered(r *http.Request, want string) bool {
 	return false
 }
 
-// headerValue returns an agent-supplied description header, cut to a sane
-// length and stripped of control characters so it is safe to log and show.
+// maxDescription bounds an agent-supplied description header kept for logs
+// and the status page.
+const maxDescription = 256
+
+// headerValue returns an agent-supplied description header, stripped of
+// invalid UTF-8 and control characters and cut to maxDescription bytes on a
+// character boundary, so it is safe to log and show.
 func headerValue(h http.Header, name string) string {
 	v := h.Get(name)
-	if len(v) > 256 {
-		v = v[:256]
+	if len(v) > 4*maxDescription {
+		v = v[:4*maxDescription] // bound the cleaning work; cut properly below
 	}
-	return strings.Map(func(r rune) rune {
-		if r < ' ' || r == 0x7f {
+	v = strings.Map(func(r rune) rune {
+		if r < ' ' || r == 0x7f || r == utf8.RuneError {
 			return -1
 		}
 		return r
-	}, v)
+	}, strings.ToValidUTF8(v, ""))
+	if len(v) > maxDescription {
+		n := maxDescription
+		for n > 0 && !utf8.RuneStart(v[n]) {
+			n--
+		}
+		v = v[:n]
+	}
+	return v
 }
 
 func jitter(d time.Duration) time.Duration {
