@@ -42,11 +42,14 @@ type kasProcess struct {
 }
 
 // startKASProcess runs bin with the configuration file and waits until it
-// logs that it is ready. The process is killed if it still runs when the
-// test ends.
-func startKASProcess(t *testing.T, bin, configFile string) *kasProcess {
+// logs that it is ready; env holds extra environment variables (NAME=value).
+// The process is killed if it still runs when the test ends.
+func startKASProcess(t *testing.T, bin, configFile string, env ...string) *kasProcess {
 	t.Helper()
 	p := &kasProcess{cmd: exec.Command(bin, "--configuration-file", configFile), exited: make(chan struct{})}
+	if len(env) > 0 {
+		p.cmd.Env = append(os.Environ(), env...)
+	}
 	stderr, err := p.cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -68,7 +71,7 @@ func startKASProcess(t *testing.T, bin, configFile string) *kasProcess {
 			}
 		}
 		if t.Failed() {
-			t.Logf("kas process logs:\n%s", p.logs())
+			t.Logf("logs of kas with %s:\n%s", configFile, p.logs())
 		}
 	})
 	p.waitLog(t, "kas is ready")

@@ -457,13 +457,15 @@ func (b *logBuffer) String() string {
 	return b.buf.String()
 }
 
-// relay forwards TCP connections to a target. cut drops every connection
-// at once and stops accepting: what kas sees when the agent's host dies.
+// relay forwards TCP connections to a target, which retarget changes for
+// the connections that follow (a load balancer in front of several kas
+// nodes). cut drops every connection at once and stops accepting: what kas
+// sees when the agent's host dies.
 type relay struct {
-	ln     net.Listener
-	target string
+	ln net.Listener
 
 	mu     sync.Mutex
+	target string
 	conns  []net.Conn
 	closed bool
 	wg     sync.WaitGroup
@@ -483,13 +485,23 @@ func startRelay(t *testing.T, target string) *relay {
 
 func (r *relay) addr() string { return r.ln.Addr().String() }
 
+// retarget sends the connections accepted from now on to target.
+func (r *relay) retarget(target string) {
+	r.mu.Lock()
+	r.target = target
+	r.mu.Unlock()
+}
+
 func (r *relay) accept() {
 	for {
 		in, err := r.ln.Accept()
 		if err != nil {
 			return
 		}
-		out, err := net.Dial("tcp", r.target)
+		r.mu.Lock()
+		target := r.target
+		r.mu.Unlock()
+		out, err := net.Dial("tcp", target)
 		if err != nil {
 			_ = in.Close()
 			continue
