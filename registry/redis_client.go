@@ -47,6 +47,12 @@ func NewRedisClient(cfg *config.Redis, tlsConfig *tls.Config) (redis.UniversalCl
 		ConnMaxIdleTime: cfg.IdleTimeout.D(),
 		TLSConfig:       tlsConfig,
 		Dialer:          dialer(cfg.Network, cfg.DialTimeout.D(), tlsConfig),
+		// Fail fast while Redis is down: a request waiting on a lookup, and
+		// GitLab's 5 s deadline on the internal API, must not sit through
+		// go-redis's default 5 dial retries × 3 command retries. Local
+		// tunnels keep working and the registry re-announces on recovery.
+		DialerRetries: 1,
+		MaxRetries:    1,
 	}
 	if cfg.PasswordFile != "" {
 		p, err := readPasswordFile("redis.password_file", cfg.PasswordFile)
