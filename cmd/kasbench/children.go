@@ -203,13 +203,4 @@ func (c *child) stop() error {
 }
 
 // logTail is the end of the child's stderr, to explain a failure.
-func (c *child) logTail() string {
-	b, err := os.ReadFile(c.logPath)
-	if err != nil || len(bytes.TrimSpace(b)) == 0 {
-		return ""
-	}
-	if len(b) > 2000 {
-		b = b[len(b)-2000:]
-	}
-	return "\n--- " + c.logPath + " ---\n" + string(bytes.TrimSpace(b))
-}
+func (c *child) logTail() string { return logTail(c.logPath) }

@@ -1,17 +1,21 @@
 // Command kasbench measures what kas's tunnel costs. It starts everything on
 // loopback, each part as its own process (kasbench re-executes itself with a
-// role argument), and compares three paths to the same upstream HTTP server:
+// role argument), and compares these paths to the same upstream HTTP server:
 //
 //	direct  client → upstream
 //	chain   client → hop 1 → hop 2 → upstream (two plain httputil.ReverseProxy
 //	        processes: the same number of process hops, no tunnel)
 //	tunnel  client → kas (Kubernetes API proxy, PAT authentication, access as
 //	        the agent) → agentk (over the WebSocket + HTTP/2 tunnel) → upstream
+//	local   client → kas-a → agentk → upstream, where kas-a is one of two kas
+//	        nodes sharing a redis-server and the agent is connected to kas-a
+//	hop     client → kas-b → kas-a (private API, gRPC) → agentk → upstream
 //
 // From one run it prints small-GET throughput and latency at several
 // concurrencies, bulk throughput each way, kas's memory per idle connected
-// agent and while streaming, the tunnel/chain and tunnel/direct ratios, and
-// whether each of the performance targets is met:
+// agent and while streaming, the Redis commands the two nodes send per
+// proxied request in steady state, the tunnel/chain, tunnel/direct and
+// hop/local ratios, and whether each of the performance targets is met:
 //
 //	go run ./cmd/kasbench                   # table on stdout
 //	go run ./cmd/kasbench -json out.json    # and machine-readable results
@@ -24,7 +28,9 @@
 // machine hits every path alike. Every data point also reports the CPU time
 // the path's processes spent per request or per GB (read from /proc), which
 // depends far less on what else the machine runs than requests/s do.
-// Memory and CPU readings need Linux's /proc.
+// Memory and CPU readings need Linux's /proc. The local and hop paths need
+// redis-server on PATH (Debian package redis-server); without it they are
+// skipped, with a message, and the rest runs.
 package main
 
 import (
@@ -75,22 +81,28 @@ type bench struct {
 	profileDir string
 	creds      *credentials
 	children   []*child
+	// redis is the multi-node paths' redis-server, once started; it stops
+	// after every child, so the nodes can remove their records on the way out.
+	redis *redisServer
 }
 
 func (b *bench) path(name string) string { return filepath.Join(b.dir, name) }
 
 var (
-	allPaths = []string{pathDirect, pathChain, pathTunnel}
-	allTests = []string{testSmall, testStream, testMemory}
+	allPaths = []string{pathDirect, pathChain, pathTunnel, pathLocal, pathHop}
+	allTests = []string{testSmall, testStream, testRedis, testMemory}
 )
 
 const (
 	pathDirect = "direct"
 	pathChain  = "chain"
 	pathTunnel = "tunnel"
+	pathLocal  = "local"
+	pathHop    = "hop"
 
 	testSmall  = "small"
 	testStream = "stream"
+	testRedis  = "redis"
 	testMemory = "memory"
 )
 
@@ -98,15 +110,15 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("kasbench", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.Usage = func() {
-		fmt.Fprintln(stderr, "Usage: kasbench [flags]\n\nMeasures kas's tunnel against two plain reverse proxy hops and the upstream directly.\n\nFlags:")
+		fmt.Fprintln(stderr, "Usage: kasbench [flags]\n\nMeasures kas's tunnel against two plain reverse proxy hops and the upstream directly,\nand a request forwarded between two kas nodes against one served where the agent is.\n\nFlags:")
 		fs.PrintDefaults()
 	}
 	var (
 		s           settings
 		concurrency = fs.String("concurrency", "1,16,64", "comma-separated `list` of concurrent clients for small GETs")
 		streamMiB   = fs.Int64("stream-mib", 256, "size of each streamed body in `MiB`")
-		paths       = fs.String("paths", strings.Join(allPaths, ","), "comma-separated `list` of paths to measure: direct, chain, tunnel")
-		tests       = fs.String("tests", strings.Join(allTests, ","), "comma-separated `list` of measurements: small, stream, memory")
+		paths       = fs.String("paths", strings.Join(allPaths, ","), "comma-separated `list` of paths to measure: direct, chain, tunnel, local, hop")
+		tests       = fs.String("tests", strings.Join(allTests, ","), "comma-separated `list` of measurements: small, stream, redis (commands per request on the local and hop paths), memory")
 		jsonFile    = fs.String("json", "", "also write the results as JSON to `file` (- for stdout, the table then goes to stderr)")
 		profileDir  = fs.String("profile", "", "write CPU and allocation profiles of every process to `dir` (for go tool pprof)")
 		keep        = fs.Bool("keep", false, "keep the working directory (configuration, logs) instead of removing it")
@@ -222,9 +234,15 @@ func runBench(ctx context.Context, s settings, profileDir string, keep bool, pro
 		}
 	}
 	defer func() {
-		// Stop in reverse order of start: agents before kas before upstream.
+		// Stop in reverse order of start: agents before kas before upstream,
+		// and Redis after every kas node has removed its records.
 		for _, c := range slices.Backward(b.children) {
 			if serr := c.stop(); serr != nil && err == nil {
+				err = serr
+			}
+		}
+		if b.redis != nil {
+			if serr := b.redis.stop(); serr != nil && err == nil {
 				err = serr
 			}
 		}
@@ -268,6 +286,28 @@ func runBench(ctx context.Context, s settings, profileDir string, keep bool, pro
 		}
 		targets[pathTunnel] = target{path: pathTunnel, base: "http://" + kas.ready.Addr + "/k8s-proxy", procs: []*child{kas, agentk, upstream}}
 	}
+	// paths are the paths measured: those asked for, less the multi-node
+	// ones when there is no redis-server to run them with.
+	paths := slices.Clone(s.Paths)
+	var nodes *multiNode
+	if slices.ContainsFunc(paths, isMultiNode) {
+		step("starting redis-server, two kas nodes (kas-a, kas-b) and agentk-a (connected to kas-a only)")
+		nodes, err = startMultiNode(ctx, b, upstream)
+		switch {
+		case errors.Is(err, errNoRedisServer):
+			res.MultiNodeSkipped = err.Error()
+			step("%s", res.MultiNodeSkipped)
+			paths = slices.DeleteFunc(paths, isMultiNode)
+		case err != nil:
+			return res, err
+		default:
+			for _, t := range []target{nodes.local, nodes.hop} {
+				if slices.Contains(paths, t.path) {
+					targets[t.path] = t
+				}
+			}
+		}
+	}
 	check := newClient(1)
 	defer check.CloseIdleConnections()
 	for p, t := range targets {
@@ -277,12 +317,34 @@ func runBench(ctx context.Context, s settings, profileDir string, keep bool, pro
 			return res, fmt.Errorf("check the %s path: %w", p, err)
 		}
 	}
+	if _, ok := targets[pathHop]; ok {
+		if err := nodes.checkForwarded(); err != nil {
+			return res, err
+		}
+	}
 
 	warmup := min(max(s.Duration/5, 500*time.Millisecond), 2*time.Second)
+	if nodes != nil && slices.Contains(s.Tests, testRedis) {
+		// First, while the nodes are fresh: every window then ends long
+		// before the registry's first periodic refresh or garbage collection.
+		c := s.Concurrency[len(s.Concurrency)-1]
+		window := min(s.Duration, maxRedisWindow)
+		for _, p := range paths {
+			if !isMultiNode(p) {
+				continue
+			}
+			step("Redis commands, %s, %d concurrent, %s window", p, c, window)
+			r, err := nodes.measureRedis(ctx, targets[p], c, warmup, window)
+			if err != nil {
+				return res, err
+			}
+			res.Redis = append(res.Redis, r)
+		}
+	}
 	if slices.Contains(s.Tests, testSmall) {
 		for _, c := range s.Concurrency {
 			if s.LoadGen == "wrk" {
-				for _, p := range s.Paths {
+				for _, p := range paths {
 					step("small GET, %s, %d concurrent (wrk)", p, c)
 					r, err := runSmallWrk(ctx, b.dir, targets[p], c, warmup, s.Duration)
 					if err != nil {
@@ -294,7 +356,7 @@ func runBench(ctx context.Context, s settings, profileDir string, keep bool, pro
 			}
 			step("small GET, %d concurrent, paths taking turns", c)
 			var ts []target
-			for _, p := range s.Paths {
+			for _, p := range paths {
 				ts = append(ts, targets[p])
 			}
 			rs, err := runSmallGo(ctx, ts, c, warmup, s.Duration)
@@ -306,7 +368,7 @@ func runBench(ctx context.Context, s settings, profileDir string, keep bool, pro
 	}
 	if slices.Contains(s.Tests, testStream) {
 		for _, dir := range []string{download, upload} {
-			for _, p := range s.Paths {
+			for _, p := range paths {
 				step("%s %d MiB, %s", dir, s.StreamBytes>>20, p)
 				var smp *sampler
 				if p == pathTunnel {

@@ -1,12 +1,14 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
+	"maps"
 	"os"
+	"os/exec"
 	"path/filepath"
-	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -25,7 +27,8 @@ func TestMain(m *testing.M) {
 
 // TestRunSmall runs the whole benchmark with tiny settings: every process
 // starts, every path answers, the idle agents really connect to kas, and the
-// table and JSON report what was measured.
+// table and JSON report what was measured. Without redis-server the
+// multi-node paths must be skipped, with a reason, and the rest still run.
 func TestRunSmall(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts kas, agentk, hops and an upstream as processes")
@@ -46,8 +49,16 @@ func TestRunSmall(t *testing.T) {
 	if err := json.Unmarshal(b, &res); err != nil {
 		t.Fatalf("results are not JSON: %v\n%s", err, b)
 	}
+	_, noRedis := exec.LookPath("redis-server")
+	paths, wantRatios, wantTargets := allPaths, 8, 12
+	if noRedis != nil {
+		paths, wantTargets = []string{pathDirect, pathChain, pathTunnel}, 7
+		if res.MultiNodeSkipped == "" || !strings.Contains(stdout.String(), "redis-server is not on PATH") {
+			t.Errorf("without redis-server the table and JSON must say the multi-node paths were skipped: %q\n%s", res.MultiNodeSkipped, &stdout)
+		}
+	}
 	for _, c := range []int{1, 4} {
-		for _, p := range allPaths {
+		for _, p := range paths {
 			r := res.small(p, c)
 			if r == nil || r.Requests == 0 || r.RequestsPerS <= 0 || r.P99Millis < r.P50Millis || r.CPUMicrosPerRequest <= 0 {
 				t.Errorf("small GET %s @%d: %+v", p, c, r)
@@ -55,7 +66,7 @@ func TestRunSmall(t *testing.T) {
 		}
 	}
 	for _, dir := range []string{download, upload} {
-		for _, p := range allPaths {
+		for _, p := range paths {
 			if r := res.stream(p, dir); r == nil || r.Transfers == 0 || r.MBPerS <= 0 || r.Bytes != 1<<20 {
 				t.Errorf("%s %s: %+v", dir, p, r)
 			}
@@ -67,12 +78,40 @@ func TestRunSmall(t *testing.T) {
 	if res.Idle == nil || res.Idle.Agents != 20 || res.Idle.GoBytesPerAgent <= 0 {
 		t.Errorf("idle agents: %+v", res.Idle)
 	}
-	if len(res.Ratios) != 6 || len(res.Targets) != 7 {
-		t.Errorf("%d ratios and %d targets, want 6 and 7: %+v %+v", len(res.Ratios), len(res.Targets), res.Ratios, res.Targets)
+	if noRedis == nil {
+		checkRedisResults(t, res.Redis)
+	}
+	if len(res.Ratios) != wantRatios || len(res.Targets) != wantTargets {
+		t.Errorf("%d ratios and %d targets, want %d and %d: %+v %+v", len(res.Ratios), len(res.Targets), wantRatios, wantTargets, res.Ratios, res.Targets)
 	}
 	for _, want := range []string{"Small GET", "Streaming 1 MiB", "tunnel/chain", "per agent", "Targets"} {
 		if !strings.Contains(stdout.String(), want) {
 			t.Errorf("table lacks %q:\n%s", want, &stdout)
+		}
+	}
+}
+
+// checkRedisResults checks the Redis measurement of both multi-node paths
+// at the highest concurrency: every request counted, only the hop's
+// forwarded, and no Redis command per request on either node. The nodes
+// started seconds before, so no periodic refresh or garbage collection can
+// have run in the window.
+func checkRedisResults(t *testing.T, got []redisResult) {
+	t.Helper()
+	if len(got) != 2 || got[0].Path != pathLocal || got[1].Path != pathHop {
+		t.Fatalf("Redis results %+v, want local then hop", got)
+	}
+	for _, r := range got {
+		wantForwarded, wantLookups := int64(0), int64(0)
+		if r.Path == pathHop {
+			wantForwarded, wantLookups = r.Requests, 1 // the window is shorter than the lookup cache's TTL
+		}
+		if r.Concurrency != 4 || r.Requests == 0 || r.WindowSeconds <= 0 || r.Forwarded != wantForwarded ||
+			r.LookupsAllowed != wantLookups || len(r.Commands) != 2 || len(r.PerRequest) != 2 {
+			t.Errorf("%s: %+v, want %d forwarded and %d lookups allowed", r.Path, r, wantForwarded, wantLookups)
+		}
+		if !r.met() {
+			t.Errorf("%s: Redis commands in steady state: %s", r.Path, r.summary())
 		}
 	}
 }
@@ -84,6 +123,7 @@ func TestFlags(t *testing.T) {
 		want string // in stderr
 	}{
 		{"unknown path", []string{"-paths", "direct,ftp"}, `-paths: unknown "ftp"`},
+		{"unknown test", []string{"-tests", "redis,latency"}, `-tests: unknown "latency"`},
 		{"concurrency zero", []string{"-concurrency", "0"}, `-concurrency: "0" is not a number`},
 		{"concurrency not a number", []string{"-concurrency", "1,x"}, `-concurrency: "x" is not a number`},
 		{"negative duration", []string{"-duration", "-1s"}, "-duration must be positive"},
@@ -157,10 +197,22 @@ func TestEvaluate(t *testing.T) {
 			{Path: pathChain, Concurrency: 64, RequestsPerS: 1000, P99Millis: 10},
 			{Path: pathTunnel, Concurrency: 64, RequestsPerS: 1500, P99Millis: 9},
 			{Path: pathDirect, Concurrency: 64, RequestsPerS: 3000, P99Millis: 3},
+			{Path: pathLocal, Concurrency: 64, RequestsPerS: 1500, P50Millis: 4, P99Millis: 9},
+			{Path: pathHop, Concurrency: 64, RequestsPerS: 1200, P50Millis: 5, P99Millis: 12},
+			{Path: pathLocal, Concurrency: 1, RequestsPerS: 1000, P50Millis: 1, P99Millis: 2},
+			{Path: pathHop, Concurrency: 1, RequestsPerS: 500, P50Millis: 2, P99Millis: 4},
 		},
 		Stream: []streamResult{
 			{Path: pathChain, Direction: download, MBPerS: 1000},
 			{Path: pathTunnel, Direction: download, MBPerS: 700},
+			{Path: pathLocal, Direction: download, MBPerS: 500},
+			{Path: pathHop, Direction: download, MBPerS: 450},
+			{Path: pathLocal, Direction: upload, MBPerS: 500},
+			{Path: pathHop, Direction: upload, MBPerS: 350},
+		},
+		Redis: []redisResult{
+			{Path: pathLocal, Concurrency: 64, Requests: 1000, Commands: map[string]int64{nodeA: 0, nodeB: 0}},
+			{Path: pathHop, Concurrency: 64, Requests: 1000, LookupsAllowed: 2, Commands: map[string]int64{nodeA: 0, nodeB: 2}},
 		},
 		StreamMemory: map[string]growth{download: {HeapMax: 1 << 20, RSSMax: 20 << 20}},
 		Idle:         &idleResult{GoBytesPerAgent: 30 << 10, RSSBytesPerAgent: 40 << 10},
@@ -171,11 +223,16 @@ func TestEvaluate(t *testing.T) {
 		met[tc.Target] = tc.Met
 	}
 	want := map[string]bool{
-		"small GET @64: tunnel ≥ 1.4× chain req/s":                         true,
-		"small GET @64: tunnel p99 ≤ chain p99":                            true,
-		"download: tunnel ≥ 0.8× chain MB/s":                               false,
-		"kas memory per idle agent < 64 KiB (heap+stacks and RSS)":         true,
-		"kas memory flat while streaming 256 MiB download (rise < 16 MiB)": false,
+		"small GET @64: tunnel ≥ 1.4× chain req/s":                           true,
+		"small GET @64: tunnel p99 ≤ chain p99":                              true,
+		"download: tunnel ≥ 0.8× chain MB/s":                                 false,
+		"kas memory per idle agent < 64 KiB (heap+stacks and RSS)":           true,
+		"kas memory flat while streaming 256 MiB download (rise < 16 MiB)":   false,
+		"small GET @64: hop ≥ 0.7× local req/s":                              true,
+		"download: hop ≥ 0.8× local MB/s":                                    true,
+		"upload: hop ≥ 0.8× local MB/s":                                      false,
+		"Redis commands per proxied request in steady state (local @64) = 0": true,
+		"Redis commands per proxied request in steady state (hop @64) = 0":   true,
 	}
 	if len(met) != len(want) {
 		t.Errorf("targets %v, want %v", met, want)
@@ -185,9 +242,119 @@ func TestEvaluate(t *testing.T) {
 			t.Errorf("target %q: met %v (present %v), want %v", k, got, ok, v)
 		}
 	}
-	i := slices.IndexFunc(r.Ratios, func(x ratio) bool { return x.Measure == "small GET req/s @64" })
-	if i < 0 || r.Ratios[i].TunnelToChain != 1.5 || r.Ratios[i].TunnelToDirect != 0.5 {
-		t.Errorf("ratios %+v", r.Ratios)
+	wantRatios := map[string]ratio{
+		"small GET req/s @1":  {HopToLocal: 0.5},
+		"small GET p50 @1":    {HopToLocal: 2},
+		"small GET p99 @1":    {HopToLocal: 2},
+		"small GET req/s @64": {TunnelToChain: 1.5, TunnelToDirect: 0.5, HopToLocal: 0.8},
+		"small GET p50 @64":   {HopToLocal: 1.25},
+		"small GET p99 @64":   {TunnelToChain: 0.9, TunnelToDirect: 3, HopToLocal: 12.0 / 9},
+		"download MB/s":       {TunnelToChain: 0.7, HopToLocal: 0.9},
+		"upload MB/s":         {HopToLocal: 0.7},
+	}
+	if len(r.Ratios) != len(wantRatios) {
+		t.Errorf("ratios %+v, want %d", r.Ratios, len(wantRatios))
+	}
+	for _, got := range r.Ratios {
+		want := wantRatios[got.Measure]
+		want.Measure = got.Measure
+		if got != want {
+			t.Errorf("ratio %+v, want %+v", got, want)
+		}
+	}
+}
+
+func TestRedisTarget(t *testing.T) {
+	tests := []struct {
+		name     string
+		path     string
+		allowed  int64
+		commands map[string]int64
+		want     bool
+	}{
+		{"local, none", pathLocal, 0, map[string]int64{nodeA: 0, nodeB: 0}, true},
+		{"local, one on the tunnel's node", pathLocal, 0, map[string]int64{nodeA: 1, nodeB: 0}, false},
+		{"hop, lookups the cache allows", pathHop, 2, map[string]int64{nodeA: 0, nodeB: 2}, true},
+		{"hop, more lookups than the cache allows", pathHop, 2, map[string]int64{nodeA: 0, nodeB: 3}, false},
+		{"hop, a command on the tunnel's node", pathHop, 2, map[string]int64{nodeA: 1, nodeB: 0}, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := redisResult{Path: tt.path, Requests: 100, LookupsAllowed: tt.allowed, Commands: tt.commands}
+			if got := r.met(); got != tt.want {
+				t.Errorf("met() = %v, want %v (%s)", got, tt.want, r.summary())
+			}
+		})
+	}
+}
+
+func TestParseMetrics(t *testing.T) {
+	tests := []struct {
+		name    string
+		text    string
+		want    map[string]float64
+		wantErr string
+	}{
+		{"counters and labels", `# HELP kas_registry_redis_commands_total Redis commands sent by the agent registry's client.
+# TYPE kas_registry_redis_commands_total counter
+kas_registry_redis_commands_total 17
+kas_peer_forwards_total{result="ok"} 1234
+kas_peer_forwards_total{result="no tunnel"} 2
+
+kas_tunnels_connected 1e+00
+`, map[string]float64{metricRedisCommands: 17, metricForwardsOK: 1234, `kas_peer_forwards_total{result="no tunnel"}`: 2, metricTunnels: 1}, ""},
+		{"no value", "kas_tunnels_connected\n", nil, "has no value"},
+		{"not a number", "kas_tunnels_connected one\n", nil, `sample "kas_tunnels_connected one"`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := parseMetrics(bufio.NewScanner(strings.NewReader(tt.text)))
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("error %v, want %q", err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !maps.Equal(got, tt.want) {
+				t.Errorf("got %v, want %v", got, tt.want)
+			}
+		})
+	}
+}
+
+func TestParseCommandStats(t *testing.T) {
+	tests := []struct {
+		name    string
+		info    string
+		want    map[string]int64
+		wantErr string
+	}{
+		{"commands", "# Commandstats\r\ncmdstat_hgetall:calls=3,usec=40,usec_per_call=13.33,rejected_calls=0,failed_calls=0\r\n" +
+			"cmdstat_client|setinfo:calls=2,usec=1,usec_per_call=0.50,rejected_calls=0,failed_calls=2\r\n",
+			map[string]int64{"hgetall": 3, "client|setinfo": 2}, ""},
+		{"none yet", "# Commandstats\r\n", map[string]int64{}, ""},
+		{"no colon", "cmdstat_hgetall\r\n", nil, "has no colon"},
+		{"no calls", "cmdstat_hgetall:usec=40\r\n", nil, "no calls count"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := parseCommandStats(tt.info)
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("error %v, want %q", err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !maps.Equal(got, tt.want) {
+				t.Errorf("got %v, want %v", got, tt.want)
+			}
+		})
 	}
 }
 

@@ -1,12 +1,8 @@
 package main
 
 import (
-	"bufio"
 	"context"
 	"fmt"
-	"net/http"
-	"strconv"
-	"strings"
 	"sync"
 	"time"
 )
@@ -98,19 +94,15 @@ func waitForTunnels(ctx context.Context, metricsURL string, want int) error {
 }
 
 func tunnelsConnected(metricsURL string) (int, error) {
-	resp, err := http.Get(metricsURL)
+	m, err := scrapeMetrics(metricsURL)
 	if err != nil {
 		return 0, err
 	}
-	defer resp.Body.Close()
-	sc := bufio.NewScanner(resp.Body)
-	for sc.Scan() {
-		if v, ok := strings.CutPrefix(sc.Text(), "kas_tunnels_connected "); ok {
-			f, err := strconv.ParseFloat(v, 64)
-			return int(f), err
-		}
+	n, ok := m[metricTunnels]
+	if !ok {
+		return 0, fmt.Errorf("no %s in %s", metricTunnels, metricsURL)
 	}
-	return 0, fmt.Errorf("no kas_tunnels_connected in %s", metricsURL)
+	return int(n), nil
 }
 
 // growth is the most kas's memory rose above its level before a transfer.

@@ -4,9 +4,13 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"os"
+	"slices"
 	"strings"
 	"text/tabwriter"
+
+	"github.com/kasproject/kas/registry"
 )
 
 // results is everything one run measured, as written by -json.
@@ -20,18 +24,25 @@ type results struct {
 	// StreamMemory is kas's largest memory rise while the tunnel streamed,
 	// by direction.
 	StreamMemory map[string]growth `json:"kas_memory_while_streaming,omitempty"`
-	Idle         *idleResult       `json:"idle_agents,omitempty"`
+	// Redis is what the two nodes asked of Redis per proxied request, by
+	// multi-node path.
+	Redis []redisResult `json:"redis_commands,omitempty"`
+	Idle  *idleResult   `json:"idle_agents,omitempty"`
+	// MultiNodeSkipped says why the local and hop paths were not measured.
+	MultiNodeSkipped string `json:"multi_node_skipped,omitempty"`
 
 	Ratios  []ratio       `json:"ratios,omitempty"`
 	Targets []targetCheck `json:"targets,omitempty"`
 }
 
-// ratio compares the tunnel with the chain and with the upstream directly
-// for one measure; zero where a path was not measured.
+// ratio compares, for one measure, the tunnel with the chain and with the
+// upstream directly, and the hop with the local path; zero where a path was
+// not measured.
 type ratio struct {
 	Measure        string  `json:"measure"`
 	TunnelToChain  float64 `json:"tunnel_to_chain,omitempty"`
 	TunnelToDirect float64 `json:"tunnel_to_direct,omitempty"`
+	HopToLocal     float64 `json:"hop_to_local,omitempty"`
 }
 
 // targetCheck is one of the issue's performance targets.
@@ -47,6 +58,8 @@ const (
 	minStreamRatio     = 0.8      // tunnel/chain MB/s, each direction
 	maxBytesPerAgent   = 64 << 10 // kas memory per idle agent
 	maxStreamingGrowth = 16 << 20 // kas memory rise while streaming: a few flow-control windows, not the body
+	minHopSmallRatio   = 0.7      // hop/local small GET requests/s at the highest concurrency
+	minHopStreamRatio  = 0.8      // hop/local MB/s, each direction
 )
 
 func (r *results) small(path string, concurrency int) *smallResult {
@@ -77,38 +90,35 @@ func div(a, b float64) float64 {
 // evaluate computes the ratios and checks the targets.
 func (r *results) evaluate() {
 	r.Ratios, r.Targets = nil, nil
+	smallMeasures := []struct {
+		name  string
+		value func(*smallResult) float64
+	}{
+		{"small GET req/s", func(x *smallResult) float64 { return x.RequestsPerS }},
+		{"small GET p50", func(x *smallResult) float64 { return x.P50Millis }},
+		{"small GET p99", func(x *smallResult) float64 { return x.P99Millis }},
+	}
 	for _, c := range r.Settings.Concurrency {
-		t := r.small(pathTunnel, c)
-		if t == nil {
-			continue
+		for _, m := range smallMeasures {
+			r.addRatio(fmt.Sprintf("%s @%d", m.name, c), func(path string) float64 {
+				if x := r.small(path, c); x != nil {
+					return m.value(x)
+				}
+				return 0
+			})
 		}
-		rps := ratio{Measure: fmt.Sprintf("small GET req/s @%d", c)}
-		p99 := ratio{Measure: fmt.Sprintf("small GET p99 @%d", c)}
-		if ch := r.small(pathChain, c); ch != nil {
-			rps.TunnelToChain = div(t.RequestsPerS, ch.RequestsPerS)
-			p99.TunnelToChain = div(t.P99Millis, ch.P99Millis)
-		}
-		if d := r.small(pathDirect, c); d != nil {
-			rps.TunnelToDirect = div(t.RequestsPerS, d.RequestsPerS)
-			p99.TunnelToDirect = div(t.P99Millis, d.P99Millis)
-		}
-		r.Ratios = append(r.Ratios, rps, p99)
 	}
 	for _, dir := range []string{download, upload} {
-		t := r.stream(pathTunnel, dir)
-		if t == nil {
-			continue
-		}
-		rt := ratio{Measure: dir + " MB/s"}
-		if ch := r.stream(pathChain, dir); ch != nil {
-			rt.TunnelToChain = div(t.MBPerS, ch.MBPerS)
-		}
-		if d := r.stream(pathDirect, dir); d != nil {
-			rt.TunnelToDirect = div(t.MBPerS, d.MBPerS)
-		}
-		r.Ratios = append(r.Ratios, rt)
+		r.addRatio(dir+" MB/s", func(path string) float64 {
+			if x := r.stream(path, dir); x != nil {
+				return x.MBPerS
+			}
+			return 0
+		})
 	}
 
+	// Targets print ratios to three places, so one just under a threshold
+	// does not read as meeting it.
 	if cs := r.Settings.Concurrency; len(cs) > 0 {
 		c := cs[len(cs)-1]
 		t, ch := r.small(pathTunnel, c), r.small(pathChain, c)
@@ -117,7 +127,7 @@ func (r *results) evaluate() {
 			r.Targets = append(r.Targets,
 				targetCheck{
 					Target:   fmt.Sprintf("small GET @%d: tunnel ≥ %.1f× chain req/s", c, minSmallRatio),
-					Measured: fmt.Sprintf("%.2f× (%.0f vs %.0f req/s)", k, t.RequestsPerS, ch.RequestsPerS),
+					Measured: fmt.Sprintf("%.3f× (%.0f vs %.0f req/s)", k, t.RequestsPerS, ch.RequestsPerS),
 					Met:      k >= minSmallRatio,
 				},
 				targetCheck{
@@ -125,6 +135,15 @@ func (r *results) evaluate() {
 					Measured: fmt.Sprintf("%.2f ms vs %.2f ms", t.P99Millis, ch.P99Millis),
 					Met:      t.P99Millis <= ch.P99Millis,
 				})
+		}
+		if h, l := r.small(pathHop, c), r.small(pathLocal, c); h != nil && l != nil {
+			k := div(h.RequestsPerS, l.RequestsPerS)
+			r.Targets = append(r.Targets, targetCheck{
+				Target: fmt.Sprintf("small GET @%d: hop ≥ %.1f× local req/s", c, minHopSmallRatio),
+				Measured: fmt.Sprintf("%.3f× (%.0f vs %.0f req/s; p50 %.2f vs %.2f ms, p99 %.2f vs %.2f ms)",
+					k, h.RequestsPerS, l.RequestsPerS, h.P50Millis, l.P50Millis, h.P99Millis, l.P99Millis),
+				Met: k >= minHopSmallRatio,
+			})
 		}
 	}
 	for _, dir := range []string{download, upload} {
@@ -135,8 +154,27 @@ func (r *results) evaluate() {
 		k := div(t.MBPerS, ch.MBPerS)
 		r.Targets = append(r.Targets, targetCheck{
 			Target:   fmt.Sprintf("%s: tunnel ≥ %.1f× chain MB/s", dir, minStreamRatio),
-			Measured: fmt.Sprintf("%.2f× (%.0f vs %.0f MB/s)", k, t.MBPerS, ch.MBPerS),
+			Measured: fmt.Sprintf("%.3f× (%.0f vs %.0f MB/s)", k, t.MBPerS, ch.MBPerS),
 			Met:      k >= minStreamRatio,
+		})
+	}
+	for _, dir := range []string{download, upload} {
+		h, l := r.stream(pathHop, dir), r.stream(pathLocal, dir)
+		if h == nil || l == nil {
+			continue
+		}
+		k := div(h.MBPerS, l.MBPerS)
+		r.Targets = append(r.Targets, targetCheck{
+			Target:   fmt.Sprintf("%s: hop ≥ %.1f× local MB/s", dir, minHopStreamRatio),
+			Measured: fmt.Sprintf("%.3f× (%.0f vs %.0f MB/s)", k, h.MBPerS, l.MBPerS),
+			Met:      k >= minHopStreamRatio,
+		})
+	}
+	for _, x := range r.Redis {
+		r.Targets = append(r.Targets, targetCheck{
+			Target:   fmt.Sprintf("Redis commands per proxied request in steady state (%s @%d) = 0", x.Path, x.Concurrency),
+			Measured: x.summary(),
+			Met:      x.met(),
 		})
 	}
 	if i := r.Idle; i != nil {
@@ -162,6 +200,21 @@ func (r *results) evaluate() {
 	}
 }
 
+// addRatio adds one measure's ratios, given its value on each path (0 where
+// not measured), if any of them can be computed.
+func (r *results) addRatio(measure string, value func(path string) float64) {
+	t := value(pathTunnel)
+	x := ratio{
+		Measure:        measure,
+		TunnelToChain:  div(t, value(pathChain)),
+		TunnelToDirect: div(t, value(pathDirect)),
+		HopToLocal:     div(value(pathHop), value(pathLocal)),
+	}
+	if x.TunnelToChain != 0 || x.TunnelToDirect != 0 || x.HopToLocal != 0 {
+		r.Ratios = append(r.Ratios, x)
+	}
+}
+
 func mib(n int64) float64 { return float64(n) / (1 << 20) }
 
 func (r *results) printTable(w io.Writer) {
@@ -170,6 +223,11 @@ func (r *results) printTable(w io.Writer) {
 		r.CPUs, r.GoVersion, s.LoadGen, s.Duration, s.KASLogLevel)
 	fmt.Fprintln(w, "paths: direct = client→upstream; chain = client→hop→hop→upstream (httputil.ReverseProxy processes);")
 	fmt.Fprintln(w, "       tunnel = client→kas→(WebSocket+HTTP/2)→agentk→upstream")
+	fmt.Fprintln(w, "       local = client→kas-a→agentk→upstream, hop = client→kas-b→(private API, gRPC)→kas-a→agentk→upstream")
+	fmt.Fprintln(w, "       (kas-a and kas-b share a redis-server; the agent is connected to kas-a only)")
+	if r.MultiNodeSkipped != "" {
+		fmt.Fprintln(w, "\n"+r.MultiNodeSkipped)
+	}
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
 	if len(r.Small) > 0 {
 		fmt.Fprintf(w, "\nSmall GET (%d-byte JSON answer)\n", len(smallBody))
@@ -191,9 +249,20 @@ func (r *results) printTable(w io.Writer) {
 	}
 	if len(r.Ratios) > 0 {
 		fmt.Fprintln(w, "\nRatios (p99: lower is better; everything else: higher is better)")
-		fmt.Fprintln(tw, "measure\ttunnel/chain\ttunnel/direct\t")
+		fmt.Fprintln(tw, "measure\ttunnel/chain\ttunnel/direct\thop/local\t")
 		for _, x := range r.Ratios {
-			fmt.Fprintf(tw, "%s\t%s\t%s\t\n", x.Measure, fmtRatio(x.TunnelToChain), fmtRatio(x.TunnelToDirect))
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t\n", x.Measure, fmtRatio(x.TunnelToChain), fmtRatio(x.TunnelToDirect), fmtRatio(x.HopToLocal))
+		}
+		_ = tw.Flush()
+	}
+	if len(r.Redis) > 0 {
+		fmt.Fprintf(w, "\nRedis commands in steady state: each node's %s rise over a window after a warm-up,\n", metricRedisCommands)
+		fmt.Fprintf(w, "and what Redis counted (INFO commandstats). kas-b may look the agent up once per lookup-cache TTL (%s).\n",
+			registry.DefaultRedisLookupCacheTTL)
+		fmt.Fprintln(tw, "path\tconcurrency\twindow s\trequests\tforwarded\tkas-a\tkas-b\tper request\tlookups allowed\t Redis counted")
+		for _, x := range r.Redis {
+			fmt.Fprintf(tw, "%s\t%d\t%.1f\t%d\t%d\t%d\t%d\t%.6f\t%d\t %s\n", x.Path, x.Concurrency, x.WindowSeconds, x.Requests,
+				x.Forwarded, x.Commands[nodeA], x.Commands[nodeB], x.perRequest(), x.LookupsAllowed, fmtCounts(x.ByCommand))
 		}
 		_ = tw.Flush()
 	}
@@ -220,12 +289,24 @@ func (r *results) printTable(w io.Writer) {
 // would do too, but kas, agentk, upstream reads better).
 func fmtByProcess(m map[string]float64) string {
 	var parts []string
-	for _, name := range []string{"kas", "agentk", "hop1", "hop2", "upstream"} {
+	for _, name := range []string{"kas", nodeB, nodeA, "agentk", agentA, "hop1", "hop2", "upstream"} {
 		if v, ok := m[name]; ok {
 			parts = append(parts, fmt.Sprintf("%s %.0f", name, v))
 		}
 	}
 	return strings.Join(parts, " + ")
+}
+
+// fmtCounts lists counts by name, alphabetically; "-" if there are none.
+func fmtCounts(m map[string]int64) string {
+	if len(m) == 0 {
+		return "-"
+	}
+	var parts []string
+	for _, k := range slices.Sorted(maps.Keys(m)) {
+		parts = append(parts, fmt.Sprintf("%s %d", k, m[k]))
+	}
+	return strings.Join(parts, ", ")
 }
 
 func fmtOptional(v float64) string {

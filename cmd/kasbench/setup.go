@@ -2,11 +2,13 @@ package main
 
 import (
 	"crypto/rand"
+	"encoding/base64"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
 
+	"github.com/kasproject/kas/server/config"
 	"github.com/kasproject/kas/server/standalone"
 )
 
@@ -79,9 +81,36 @@ agents:
   projects:
     - id: kasbench/cluster
 `
+	files := []struct {
+		path, content string
+	}{
+		{c.standalone, sa.String()},
+		{filepath.Join(dir, "repo", ".gitlab", "agents", "bench", "config.yaml"), agentConfig},
+		{c.kasConfig, kasConfig(kasLogLevel, "", "")},
+		{c.tokensFile, c.agentToken + "\n"},
+		{c.idleFile, strings.Join(c.idleTokens, "\n") + "\n"},
+	}
+	for _, f := range files {
+		if err := os.MkdirAll(filepath.Dir(f.path), 0o700); err != nil {
+			return nil, err
+		}
+		if err := os.WriteFile(f.path, []byte(f.content), 0o600); err != nil {
+			return nil, fmt.Errorf("write %s: %w", f.path, err)
+		}
+	}
+	return c, nil
+}
+
+// kasConfig is a kas configuration with every listener on a free loopback
+// port: two kas run at once during the memory measurement, two nodes run
+// beside the tunnel path's kas, and the machine may run another kas. With a
+// redisAddr it is one of several nodes sharing that Redis, whose private
+// API calls are signed with the secret in secretFile.
+func kasConfig(logLevel, redisAddr, secretFile string) string {
 	// connections_per_token_per_minute: the agents all connect at once, and
 	// reconnect at once after kas restarts; the limit is not what is measured.
-	kasConfig := fmt.Sprintf(`# Written by kasbench for one run.
+	var b strings.Builder
+	fmt.Fprintf(&b, `# Written by kasbench for one run.
 agent:
   listen:
     address: 127.0.0.1:0
@@ -92,33 +121,50 @@ observability:
     address: 127.0.0.1:0
   logging:
     level: %s
-# Every listener on a free port: two kas run at once during the memory
-# measurement, and the machine may run another kas.
 api:
   listen:
     address: 127.0.0.1:0
 private_api:
   listen:
     address: 127.0.0.1:0
-standalone:
-  file: standalone.yaml
-`, kasLogLevel)
-
-	files := []struct {
-		path, content string
-	}{
-		{c.standalone, sa.String()},
-		{filepath.Join(dir, "repo", ".gitlab", "agents", "bench", "config.yaml"), agentConfig},
-		{c.kasConfig, kasConfig},
-		{c.tokensFile, c.agentToken + "\n"},
-		{c.idleFile, strings.Join(c.idleTokens, "\n") + "\n"},
+`, logLevel)
+	if redisAddr != "" {
+		// Both nodes listen on 127.0.0.1 of this one machine, which kas
+		// refuses with Redis unless told that is intended.
+		fmt.Fprintf(&b, `    authentication_secret_file: %s
+redis:
+  server:
+    address: %s
+  allow_loopback_private_api: true
+`, secretFile, redisAddr)
 	}
-	for _, f := range files {
-		if err := os.MkdirAll(filepath.Dir(f.path), 0o700); err != nil {
-			return nil, err
-		}
+	b.WriteString(`standalone:
+  file: standalone.yaml
+`)
+	return b.String()
+}
+
+// nodeConfigs are the configuration files of the two kas nodes.
+type nodeConfigs struct {
+	a, b string
+}
+
+// writeNodeConfigs writes the configuration of two kas nodes sharing the
+// Redis at redisAddr and a fresh private API secret, beside (and reading
+// the same standalone file as) the tunnel path's kas.yaml.
+func writeNodeConfigs(dir, redisAddr, kasLogLevel string) (nodeConfigs, error) {
+	secret := make([]byte, config.SecretLength)
+	_, _ = rand.Read(secret) // never fails (crypto/rand)
+	secretFile := filepath.Join(dir, "private-api-secret")
+	c := nodeConfigs{a: filepath.Join(dir, nodeA+".yaml"), b: filepath.Join(dir, nodeB+".yaml")}
+	cfg := kasConfig(kasLogLevel, redisAddr, secretFile)
+	for _, f := range []struct{ path, content string }{
+		{secretFile, base64.StdEncoding.EncodeToString(secret) + "\n"},
+		{c.a, cfg},
+		{c.b, cfg},
+	} {
 		if err := os.WriteFile(f.path, []byte(f.content), 0o600); err != nil {
-			return nil, fmt.Errorf("write %s: %w", f.path, err)
+			return c, fmt.Errorf("write %s: %w", f.path, err)
 		}
 	}
 	return c, nil
