@@ -377,7 +377,7 @@ func (r *Router) attempt(req *http.Request, rawURL string, head *peerpb.RequestH
 	case !head.EndOfBody:
 		if md, _ := c.stream.Header(); md != nil { // the node has a tunnel
 			bodySent = true
-			go c.sendBody(req.Body)
+			go c.sendBody(req.Body, req.ContentLength)
 		}
 	case !upgrade:
 		_ = c.stream.CloseSend()
@@ -589,9 +589,9 @@ func (c *call) failure(err error) error {
 }
 
 // sendBody streams the request body after the node took the request.
-func (c *call) sendBody(body io.ReadCloser) {
+func (c *call) sendBody(body io.ReadCloser, contentLength int64) {
 	defer body.Close()
-	bufp := c.r.buffers.get()
+	bufp := c.r.buffers.forLength(contentLength)
 	defer c.r.buffers.put(bufp)
 	buf := *bufp
 	data := &peerpb.ClientMessage_Data{}

@@ -395,7 +395,7 @@ func (b *requestBody) Close() error { return nil }
 // sendResponse streams resp to the caller. A small body of known length
 // travels inside the head message, so a small response is one message.
 func (s *Server) sendResponse(ctx context.Context, stream forwardStream, req *peerpb.RequestHead, resp *http.Response) error {
-	bufp := s.buffers.get()
+	bufp := s.buffers.forLength(resp.ContentLength)
 	defer s.buffers.put(bufp)
 	buf := *bufp
 	head := &peerpb.ResponseHead{
