@@ -109,8 +109,7 @@ func New(cfg *config.Config, opts Options) (_ *Server, err error) {
 	}
 	defer func() {
 		if err != nil {
-			s.closeListeners()
-			s.closeTLS()
+			s.closeBuilt()
 		}
 	}()
 	s.metrics.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
@@ -479,6 +478,24 @@ func (s *Server) shutdown() {
 		s.log.Warn("Close the internal API", "error", err.Error())
 	}
 	s.log.Info("Shut down")
+}
+
+// closeBuilt stops what New started when New fails half-way.
+func (s *Server) closeBuilt() {
+	s.closeListeners()
+	if s.configs != nil {
+		s.configs.Close()
+	}
+	if s.internal != nil {
+		_ = s.internal.Close()
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	s.closeMultiNode(ctx)
+	s.closeTLS()
+	if s.closeAPI != nil {
+		_ = s.closeAPI()
+	}
 }
 
 func (s *Server) closeListeners() {
