@@ -51,9 +51,8 @@ type Server struct {
 	log       *slog.Logger
 	startedAt time.Time
 
-	metrics  *prometheus.Registry
-	api      gitlab.API
-	closeAPI func() error
+	metrics *prometheus.Registry
+	api     gitlab.API
 	// gitlabClient is set when kas talks to GitLab, standaloneData when it
 	// reads local files; both nil in standalone mode without a file.
 	gitlabClient   *gitlab.Client
@@ -204,7 +203,6 @@ func New(cfg *config.Config, opts Options) (_ *Server, err error) {
 // buildAPI chooses GitLab or the standalone files.
 func (s *Server) buildAPI() error {
 	if s.cfg.GitLab.Address == "" {
-		s.closeAPI = func() error { return nil }
 		if s.cfg.Standalone.File == "" {
 			s.log.Warn("Standalone mode without standalone.file: no agent or user is known, so every agent and proxy request is refused; list them in a standalone file (see testdata/standalone)")
 			s.api = noStandaloneData{}
@@ -222,11 +220,7 @@ func (s *Server) buildAPI() error {
 	if err != nil {
 		return fmt.Errorf("gitlab.authentication_secret_file: %w", err)
 	}
-	var caFiles []string
-	if s.cfg.GitLab.CACertificateFile != "" {
-		caFiles = append(caFiles, s.cfg.GitLab.CACertificateFile)
-	}
-	tlsConfig, err := tlsutil.ClientConfig(s.cfg.Env.SSLCertDir, caFiles...)
+	tlsConfig, err := tlsutil.ClientConfig(s.cfg.Env.SSLCertDir, s.cfg.GitLab.CACertificateFile)
 	if err != nil {
 		return fmt.Errorf("TLS for GitLab: %w", err)
 	}
@@ -248,8 +242,15 @@ func (s *Server) buildAPI() error {
 	}
 	s.api = c
 	s.gitlabClient = c
-	s.closeAPI = func() error { c.CloseIdleConnections(); return nil }
 	return nil
+}
+
+// closeAPI closes the GitLab client's idle connections; the standalone
+// backend holds nothing open.
+func (s *Server) closeAPI() {
+	if s.gitlabClient != nil {
+		s.gitlabClient.CloseIdleConnections()
+	}
 }
 
 // buildInternalAPI serves GitLab Rails' gRPC calls and their JSON mirrors on api.listen.
@@ -377,7 +378,7 @@ func (s *Server) addListener(name string, l config.Listen, h http.Handler) error
 // get agent.listen.listen_grace_period to finish, everything is closed.
 // It returns nil after a clean shutdown.
 func (s *Server) Run(ctx context.Context) error {
-	defer func() { _ = s.closeAPI() }()
+	defer s.closeAPI()
 	defer s.closeTLS()
 	for _, l := range s.listeners {
 		if l.peer != nil {
@@ -493,9 +494,7 @@ func (s *Server) closeBuilt() {
 	defer cancel()
 	s.closeMultiNode(ctx)
 	s.closeTLS()
-	if s.closeAPI != nil {
-		_ = s.closeAPI()
-	}
+	s.closeAPI()
 }
 
 func (s *Server) closeListeners() {
