@@ -6,37 +6,49 @@ import (
 	"io/fs"
 	"os"
 	"sync"
+	"time"
 
 	"github.com/kasproject/kas/server/agentcfg"
 )
 
-// configCache keeps parsed agent configuration files until they change on disk.
+// configCache keeps parsed agent configuration files until they change on
+// disk, looking at a file at most once per recheck interval.
 type configCache struct {
+	recheck time.Duration
 	mu      sync.Mutex
 	entries map[string]cachedConfig // by file path
 }
 
 // cachedConfig is one parse of a file: its configuration or its problems.
+// info is nil for a missing file.
 type cachedConfig struct {
-	info os.FileInfo
-	cfg  *agentcfg.Config
-	err  error
+	info    os.FileInfo
+	checked time.Time
+	cfg     *agentcfg.Config
+	err     error
 }
 
 // get returns the configuration in file. A missing file is an empty
 // configuration, as in GitLab.
 func (c *configCache) get(file string) (*agentcfg.Config, error) {
+	now := time.Now()
+	c.mu.Lock()
+	cached, ok := c.entries[file]
+	c.mu.Unlock()
+	if ok && now.Sub(cached.checked) < c.recheck {
+		return cached.cfg, cached.err
+	}
 	info, err := os.Stat(file)
 	if errors.Is(err, fs.ErrNotExist) {
+		c.store(file, cachedConfig{checked: now, cfg: &agentcfg.Config{}})
 		return &agentcfg.Config{}, nil
 	}
 	if err != nil {
 		return nil, err
 	}
-	c.mu.Lock()
-	cached, ok := c.entries[file]
-	c.mu.Unlock()
-	if ok && sameVersion(cached.info, info) {
+	if ok && cached.info != nil && sameVersion(cached.info, info) {
+		cached.checked = now
+		c.store(file, cached)
 		return cached.cfg, cached.err
 	}
 	data, err := os.ReadFile(file)
@@ -47,10 +59,14 @@ func (c *configCache) get(file string) (*agentcfg.Config, error) {
 		return nil, err // not cached: reading may work next time
 	}
 	cfg, err := agentcfg.Parse(data)
-	c.mu.Lock()
-	c.entries[file] = cachedConfig{info: info, cfg: cfg, err: err}
-	c.mu.Unlock()
+	c.store(file, cachedConfig{info: info, checked: now, cfg: cfg, err: err})
 	return cfg, err
+}
+
+func (c *configCache) store(file string, entry cachedConfig) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.entries[file] = entry
 }
 
 // agentConfig returns a's configuration, or a failure naming the file and the

@@ -8,6 +8,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/kasproject/kas/server/gitlab"
 )
@@ -147,4 +148,32 @@ func TestConcurrentUse(t *testing.T) {
 	}
 	cancel()
 	wg.Wait()
+}
+
+// TestChangesShowWithinRecheck uses Open's own interval: a change to either
+// file counts within it.
+func TestChangesShowWithinRecheck(t *testing.T) {
+	w := newWorld(t)
+	b, err := Open(w.file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	newAgent := "  - {id: 7, name: fresh, project: acme/infra, token_sha256: {{hash \"agent-fresh\"}}}\n"
+	w.write(t, "standalone.yaml", render(t, strings.Replace(worldFile, "users:\n", newAgent+"users:\n", 1)))
+	const config = "repos/acme-infra/.gitlab/agents/bare/config.yaml"
+	w.write(t, config, "user_access:\n  access_as: {agent: {}}\n  projects: [{id: acme/app}]\n")
+
+	deadline := time.Now().Add(recheckInterval + 5*time.Second)
+	for {
+		_, agentErr := b.GetAgentInfo(ctx, tok("agent-fresh"))
+		_, userErr := b.AuthorizeProxyUser(ctx, pat(4, "alice"))
+		if agentErr == nil && userErr == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("changes not seen within %s: agent %v, user %v", recheckInterval, agentErr, userErr)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }

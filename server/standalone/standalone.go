@@ -57,8 +57,8 @@
 //	      tier: production       # production, staging, testing, development or other
 //
 // Loading reports every problem at once, each with its line. The file is
-// checked for changes (modification time, size, identity) on every call and
-// reloaded when it changed; while a changed file is invalid, calls fail with
+// checked for changes (modification time, size, identity) at most once per
+// second (recheckInterval) and reloaded when it changed; while a changed file is invalid, calls fail with
 // the problems rather than decide on stale data.
 //
 // # Agent configuration
@@ -66,8 +66,9 @@
 // An agent's configuration is
 // <repository of its configuration project>/.gitlab/agents/<agent name>/config.yaml,
 // parsed by server/agentcfg. A missing file is an empty configuration. Files
-// are read when a decision needs them and cached until they change on disk,
-// so edits take effect without a restart; a malformed file makes the
+// are read when a decision needs them and cached until they change on disk
+// (checked as often as the standalone file), so edits take effect without a
+// restart; a malformed file makes the
 // decisions that need it fail with its line (never a silent refusal).
 // GetRepositoryFile and ListAgentConfigFiles serve the repository directories
 // as GitLab's repository files API does, for the configuration manager
@@ -118,6 +119,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"time"
 
 	"github.com/kasproject/kas/server/gitlab"
 )
@@ -138,9 +140,18 @@ type Backend struct {
 
 	configs configCache
 
+	// recheck is how long a look at the file on disk stays good: a request
+	// costs no system call, and a change shows within this long.
+	recheck time.Duration
+
 	mu      sync.Mutex
 	current *state
+	checked time.Time // when the file was last looked at
 }
+
+// recheckInterval is how soon kas notices a changed standalone file or
+// agent configuration file.
+const recheckInterval = time.Second
 
 var _ gitlab.API = (*Backend)(nil)
 
@@ -159,7 +170,9 @@ func Open(path string) (*Backend, error) {
 		file:    path,
 		abs:     abs,
 		url:     fileURL(abs),
-		configs: configCache{entries: make(map[string]cachedConfig)},
+		configs: configCache{recheck: recheckInterval, entries: make(map[string]cachedConfig)},
+		recheck: recheckInterval,
+		checked: time.Now(),
 		current: st,
 	}, nil
 }
@@ -169,6 +182,13 @@ func Open(path string) (*Backend, error) {
 // fixed: a small file, and its problems may lie outside it (a repository
 // directory not created yet).
 func (b *Backend) snapshot() (*state, error) {
+	now := time.Now()
+	b.mu.Lock()
+	if now.Sub(b.checked) < b.recheck {
+		defer b.mu.Unlock()
+		return b.current, nil
+	}
+	b.mu.Unlock()
 	info, err := os.Stat(b.abs)
 	if err != nil {
 		return nil, fmt.Errorf("check standalone file %s for changes: %w", b.file, err)
@@ -176,13 +196,16 @@ func (b *Backend) snapshot() (*state, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if sameVersion(b.current.info, info) {
+		b.checked = now
 		return b.current, nil
 	}
 	st, err := load(b.file, b.abs)
 	if err != nil {
+		// Not marked checked: every call fails with the problems until fixed.
 		return nil, fmt.Errorf("reload changed file: %w", err)
 	}
 	b.current = st
+	b.checked = now
 	return st, nil
 }
 

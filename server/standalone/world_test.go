@@ -180,12 +180,16 @@ func newWorld(t *testing.T) *world {
 }
 
 // open opens the world's standalone file.
+// open opens the world's file looking at the disk on every question, so
+// tests of what a change does need not wait; TestChangesShowWithinRecheck
+// covers the interval itself.
 func (w *world) open(t *testing.T) *Backend {
 	t.Helper()
 	b, err := Open(w.file)
 	if err != nil {
 		t.Fatalf("Open: %v", err)
 	}
+	b.recheck, b.configs.recheck = 0, 0
 	return b
 }
 
