@@ -4,6 +4,20 @@
 // Rails' Gitlab::Kas::Client uses, limited to the fields kas reads or
 // fills. The .proto files are kas's own; the Go code is generated from them.
 //
+// Field numbers checked against GitLab-derived protos and Rails' client:
+// ConnectedAgentInfo (agent_meta 1, connected_at 2, connection_id 3,
+// agent_id 4, project_id 5), AgentMeta (version 1, commit_id 2,
+// pod_namespace 3, pod_name 4, kubernetes_version 5), KubernetesVersion
+// (major 1, minor 2, git_version 3, platform 4), the Gitaly repository's
+// gl_repository 6 and gl_project_path 8, event.GitPushEvent.project 1,
+// event.Project (id 1, full_path 2), AgentConfigFile (name 1, agent_name 2)
+// and ListAgentConfigFilesResponse.config_files 1. Inferred, because the
+// newest protos were not available to check: agent_ids 1, project_ids 1,
+// the agent tracker responses' agents 1, GetServerInfoResponse's
+// current_server_info 1 with ServerInfo version 1 and git_ref 2,
+// GitPushEventRequest.event 1, ListAgentConfigFilesRequest.gitaly_info 2.
+// kas's own additions are numbered from 100, which GitLab's client skips.
+//
 // Regenerate after editing a .proto file (from this directory):
 //
 //	PATH="$PATH:$(go env GOPATH)/bin" go generate .
