@@ -7,7 +7,7 @@ import (
 
 	"gopkg.in/yaml.v3"
 
-	"github.com/kasproject/kas/server/agentcfg"
+	"github.com/kasproject/kas/server/agentyaml"
 	"github.com/kasproject/kas/server/standalone"
 )
 
@@ -62,11 +62,11 @@ var secrets = []string{
 }
 
 // The static identity asImpersonate's CI jobs act as.
-var deployer = agentcfg.Impersonate{
+var deployer = agentyaml.Impersonate{
 	Username: "deployer",
 	Groups:   []string{"deployers", "release-managers"},
 	UID:      "uid-42",
-	Extra: []agentcfg.ImpersonateExtra{
+	Extra: []agentyaml.ImpersonateExtra{
 		{Key: "example.com/team", Values: []string{"blue", "green"}},
 		{Key: "reason", Values: []string{"release"}},
 	},
@@ -84,7 +84,7 @@ type scenario struct {
 
 	// configs are the agents' config.yaml files by agent name, all in the
 	// repository of the configuration project acme/infra.
-	configs map[string]agentcfg.Config
+	configs map[string]agentyaml.Config
 }
 
 type scenarioGroup struct {
@@ -153,20 +153,20 @@ func newScenario() *scenario {
 			{ID: infraProjectID, Path: "acme/infra", Repository: infraRepository},
 			{ID: appProjectID, Path: "acme/app"},
 		},
-		configs: map[string]agentcfg.Config{},
+		configs: map[string]agentyaml.Config{},
 	}
-	app := []agentcfg.Ref{{ID: "acme/app"}}
-	ciAccess := func(as agentcfg.CIAccessAs) *agentcfg.CIAccess {
-		return &agentcfg.CIAccess{Projects: []agentcfg.CIAccessEntry{{ID: "acme/app", AccessAs: &as}}}
+	app := []agentyaml.Ref{{ID: "acme/app"}}
+	ciAccess := func(as agentyaml.CIAccessAs) *agentyaml.CIAccess {
+		return &agentyaml.CIAccess{Projects: []agentyaml.CIAccessEntry{{ID: "acme/app", AccessAs: &as}}}
 	}
-	s.addAgent(asAgent, agentcfg.Config{
-		CIAccess:   ciAccess(agentcfg.CIAccessAs{Agent: &struct{}{}}),
-		UserAccess: &agentcfg.UserAccess{AccessAs: &agentcfg.UserAccessAs{Agent: &struct{}{}}, Projects: app},
+	s.addAgent(asAgent, agentyaml.Config{
+		CIAccess:   ciAccess(agentyaml.CIAccessAs{Agent: &struct{}{}}),
+		UserAccess: &agentyaml.UserAccess{AccessAs: &agentyaml.UserAccessAs{Agent: &struct{}{}}, Projects: app},
 	})
-	s.addAgent(asImpersonate, agentcfg.Config{CIAccess: ciAccess(agentcfg.CIAccessAs{Impersonate: &deployer})})
-	s.addAgent(asCIJob, agentcfg.Config{CIAccess: ciAccess(agentcfg.CIAccessAs{CIJob: &struct{}{}})})
-	s.addAgent(asUser, agentcfg.Config{
-		UserAccess: &agentcfg.UserAccess{AccessAs: &agentcfg.UserAccessAs{User: &struct{}{}}, Projects: app},
+	s.addAgent(asImpersonate, agentyaml.Config{CIAccess: ciAccess(agentyaml.CIAccessAs{Impersonate: &deployer})})
+	s.addAgent(asCIJob, agentyaml.Config{CIAccess: ciAccess(agentyaml.CIAccessAs{CIJob: &struct{}{}})})
+	s.addAgent(asUser, agentyaml.Config{
+		UserAccess: &agentyaml.UserAccess{AccessAs: &agentyaml.UserAccessAs{User: &struct{}{}}, Projects: app},
 	})
 	s.Users = []scenarioUser{
 		{
@@ -197,7 +197,7 @@ func newScenario() *scenario {
 }
 
 // addAgent registers a in acme/infra with configuration cfg.
-func (s *scenario) addAgent(a testAgent, cfg agentcfg.Config) {
+func (s *scenario) addAgent(a testAgent, cfg agentyaml.Config) {
 	s.Agents = append(s.Agents, scenarioAgent{ID: a.id, Name: a.name, Project: "acme/infra", TokenSHA256: standalone.HashToken(a.token)})
 	s.configs[a.name] = cfg
 }

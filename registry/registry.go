@@ -32,7 +32,23 @@ type TunnelInfo struct {
 	ConnectedAt       time.Time `json:"connected_at"`
 	// NodeURLs are the private API URLs of the kas node holding the tunnel.
 	NodeURLs []string `json:"node_urls,omitempty"`
+	// Flavor says which agentk is at the other end: FlavorKas (empty, the
+	// project's own agentk, HTTP/2 over the tunnel) or FlavorGitLab
+	// (GitLab's agentk, gRPC reverse-tunnel streams).
+	Flavor string `json:"flavor,omitempty"`
+	// Receptive is true when kas dialled the agent (a receptive agent that
+	// cannot dial out) rather than the agent dialling kas.
+	Receptive bool `json:"receptive,omitempty"`
 }
+
+// Flavors of agentk (TunnelInfo.Flavor).
+const (
+	// FlavorKas is the project's own agentk; it is the zero value so that
+	// records written before Flavor existed read as it.
+	FlavorKas = ""
+	// FlavorGitLab is GitLab's agentk, served unchanged over gRPC.
+	FlavorGitLab = "gitlab"
+)
 
 // Registry tracks tunnels on this node and, for several nodes, everywhere.
 type Registry interface {

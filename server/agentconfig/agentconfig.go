@@ -39,7 +39,7 @@ import (
 
 	"github.com/kasproject/kas/protocol"
 	"github.com/kasproject/kas/registry"
-	"github.com/kasproject/kas/server/agentcfg"
+	"github.com/kasproject/kas/server/agentyaml"
 	"github.com/kasproject/kas/server/gitlab"
 )
 
@@ -468,7 +468,7 @@ func (m *Manager) parse(file string, data []byte) (*config, error) {
 		return nil, fmt.Errorf("configuration file %q is %d bytes, more than agent.configuration.max_configuration_file_size (%d bytes); the agent keeps its last good configuration",
 			file, len(data), m.maxSize)
 	}
-	if _, err := agentcfg.Parse(data); err != nil {
+	if _, err := agentyaml.Parse(data); err != nil {
 		return nil, fmt.Errorf("invalid configuration file %q: %w; the agent keeps its last good configuration", file, err)
 	}
 	doc, err := yaml.YAMLToJSON(data)

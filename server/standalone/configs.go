@@ -8,7 +8,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/kasproject/kas/server/agentcfg"
+	"github.com/kasproject/kas/server/agentyaml"
 )
 
 // configCache keeps parsed agent configuration files until they change on
@@ -24,13 +24,13 @@ type configCache struct {
 type cachedConfig struct {
 	info    os.FileInfo
 	checked time.Time
-	cfg     *agentcfg.Config
+	cfg     *agentyaml.Config
 	err     error
 }
 
 // get returns the configuration in file. A missing file is an empty
 // configuration, as in GitLab.
-func (c *configCache) get(file string) (*agentcfg.Config, error) {
+func (c *configCache) get(file string) (*agentyaml.Config, error) {
 	now := time.Now()
 	c.mu.Lock()
 	cached, ok := c.entries[file]
@@ -40,8 +40,8 @@ func (c *configCache) get(file string) (*agentcfg.Config, error) {
 	}
 	info, err := os.Stat(file)
 	if errors.Is(err, fs.ErrNotExist) {
-		c.store(file, cachedConfig{checked: now, cfg: &agentcfg.Config{}})
-		return &agentcfg.Config{}, nil
+		c.store(file, cachedConfig{checked: now, cfg: &agentyaml.Config{}})
+		return &agentyaml.Config{}, nil
 	}
 	if err != nil {
 		return nil, err
@@ -53,12 +53,12 @@ func (c *configCache) get(file string) (*agentcfg.Config, error) {
 	}
 	data, err := os.ReadFile(file)
 	if errors.Is(err, fs.ErrNotExist) { // removed since the Stat
-		return &agentcfg.Config{}, nil
+		return &agentyaml.Config{}, nil
 	}
 	if err != nil {
 		return nil, err // not cached: reading may work next time
 	}
-	cfg, err := agentcfg.Parse(data)
+	cfg, err := agentyaml.Parse(data)
 	c.store(file, cachedConfig{info: info, checked: now, cfg: cfg, err: err})
 	return cfg, err
 }
@@ -71,7 +71,7 @@ func (c *configCache) store(file string, entry cachedConfig) {
 
 // agentConfig returns a's configuration, or a failure naming the file and the
 // problem's line. The configuration is shared: callers must not modify it.
-func (b *Backend) agentConfig(op string, a *agent) (*agentcfg.Config, error) {
+func (b *Backend) agentConfig(op string, a *agent) (*agentyaml.Config, error) {
 	file := a.configFile()
 	cfg, err := b.configs.get(file)
 	if err != nil {

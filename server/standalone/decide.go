@@ -9,7 +9,7 @@ import (
 	"slices"
 	"strings"
 
-	"github.com/kasproject/kas/server/agentcfg"
+	"github.com/kasproject/kas/server/agentyaml"
 	"github.com/kasproject/kas/server/gitlab"
 )
 
@@ -126,7 +126,7 @@ func (b *Backend) proxyUser(st *state, req gitlab.AuthorizeProxyUserRequest) (*u
 
 // authorizedProjects lists the user_access projects that authorize u: those in
 // the agent's top-level group where u has at least the Developer role.
-func authorizedProjects(st *state, a *agent, u *user, refs []agentcfg.Ref) []gitlab.RoleRef {
+func authorizedProjects(st *state, a *agent, u *user, refs []agentyaml.Ref) []gitlab.RoleRef {
 	out := []gitlab.RoleRef{}
 	seen := make(map[*project]bool)
 	for _, ref := range refs[:min(len(refs), authorizedEntityLimit)] {
@@ -144,7 +144,7 @@ func authorizedProjects(st *state, a *agent, u *user, refs []agentcfg.Ref) []git
 
 // authorizedGroups lists the user_access groups that authorize u: those in the
 // agent's top-level group where u has at least the Developer role.
-func authorizedGroups(st *state, a *agent, u *user, refs []agentcfg.Ref) []gitlab.RoleRef {
+func authorizedGroups(st *state, a *agent, u *user, refs []agentyaml.Ref) []gitlab.RoleRef {
 	out := []gitlab.RoleRef{}
 	seen := make(map[*group]bool)
 	for _, ref := range refs[:min(len(refs), authorizedEntityLimit)] {
@@ -198,7 +198,7 @@ func (b *Backend) GetAllowedAgentsForJob(ctx context.Context, jobToken string) (
 // configuration project.
 type ciAuthorization struct {
 	agent *agent
-	entry *agentcfg.CIAccessEntry
+	entry *agentyaml.CIAccessEntry
 }
 
 // allowedAgents follows GitLab's CiAccess::Finder and FilterService: per
@@ -256,7 +256,7 @@ func (b *Backend) allowedAgents(st *state, job *ciJob) ([]gitlab.AllowedAgent, e
 }
 
 // findEntry returns the first of the entries GitLab considers that names p.
-func findEntry(entries []agentcfg.CIAccessEntry, p string) *agentcfg.CIAccessEntry {
+func findEntry(entries []agentyaml.CIAccessEntry, p string) *agentyaml.CIAccessEntry {
 	for i := range entries[:min(len(entries), authorizedEntityLimit)] {
 		if strings.EqualFold(entries[i].ID, p) {
 			return &entries[i]
@@ -268,7 +268,7 @@ func findEntry(entries []agentcfg.CIAccessEntry, p string) *agentcfg.CIAccessEnt
 // configuration is what GitLab returns of a ci_access entry: its
 // default_namespace and access_as (copied: the entry is shared). The implicit
 // authorization has an empty configuration.
-func configuration(e *agentcfg.CIAccessEntry) gitlab.AgentConfiguration {
+func configuration(e *agentyaml.CIAccessEntry) gitlab.AgentConfiguration {
 	if e == nil {
 		return gitlab.AgentConfiguration{}
 	}

@@ -65,7 +65,7 @@
 //
 // An agent's configuration is
 // <repository of its configuration project>/.gitlab/agents/<agent name>/config.yaml,
-// parsed by server/agentcfg. A missing file is an empty configuration. Files
+// parsed by server/agentyaml. A missing file is an empty configuration. Files
 // are read when a decision needs them and cached until they change on disk
 // (checked as often as the standalone file), so edits take effect without a
 // restart; a malformed file makes the
@@ -105,7 +105,7 @@
 // top-level group as the agent's configuration project count, as on
 // GitLab.com and by default on self-managed GitLab. Entries with environments
 // then apply only to jobs whose environment name matches (see
-// agentcfg.CIAccessEntry.MatchesEnvironment), and entries with
+// agentyaml.CIAccessEntry.MatchesEnvironment), and entries with
 // protected_branches_only only to jobs on protected refs. Only the first 500
 // projects and 500 groups of a section count, as in GitLab.
 package standalone

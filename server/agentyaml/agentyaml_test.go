@@ -1,4 +1,4 @@
-package agentcfg
+package agentyaml
 
 import (
 	"errors"

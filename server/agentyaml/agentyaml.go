@@ -1,4 +1,4 @@
-// Package agentcfg parses an agent's configuration file, the
+// Package agentyaml parses an agent's configuration file, the
 // .gitlab/agents/<agent name>/config.yaml of its configuration project, and
 // validates the two sections kas enforces itself: ci_access (which CI jobs may
 // use the agent, and as whom) and user_access (which users may, and as whom).
@@ -7,7 +7,7 @@
 // sections (gitops, observability, remote_development, …) belong to the agent
 // or to GitLab and pass through unchecked, so a configuration written for
 // GitLab parses unchanged.
-package agentcfg
+package agentyaml
 
 import (
 	"bytes"
