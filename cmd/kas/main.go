@@ -18,7 +18,6 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
-	"time"
 
 	"github.com/redis/go-redis/v9"
 
@@ -187,7 +186,7 @@ func token(args []string, stdout, stderr io.Writer) int {
 	secretFile := fs.String("secret-file", "", "`file` holding the base64 secret (e.g. the API secret for the internal API)")
 	audience := fs.String("audience", "", "JWT audience: "+kasjwt.AudienceKAS+" for the internal API, "+kasjwt.AudiencePrivateAPI+" for the private API")
 	issuer := fs.String("issuer", "kas-token", "JWT issuer")
-	ttl := fs.Duration("ttl", 5*time.Minute, "how long the token is valid")
+	ttl := fs.Duration("ttl", kasjwt.MaxAPILifetime, "how long the token is valid (kas's APIs accept at most "+kasjwt.MaxAPILifetime.String()+")")
 	if err := fs.Parse(args); err != nil {
 		return exitUsage
 	}
@@ -198,8 +197,11 @@ func token(args []string, stdout, stderr io.Writer) int {
 	if *audience == "" {
 		problems = append(problems, errors.New("--audience is required"))
 	}
-	if *ttl <= 0 {
+	switch {
+	case *ttl <= 0:
 		problems = append(problems, errors.New("--ttl must be positive"))
+	case *ttl > kasjwt.MaxAPILifetime:
+		problems = append(problems, fmt.Errorf("--ttl %s is longer than the %s kas's APIs accept; mint a new token when it expires", *ttl, kasjwt.MaxAPILifetime))
 	}
 	if len(problems) > 0 {
 		fmt.Fprintf(stderr, "kas token: %v\n", errors.Join(problems...))

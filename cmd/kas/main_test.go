@@ -103,3 +103,13 @@ func TestTokenVerifies(t *testing.T) {
 		t.Fatal("minted token verifies for another audience")
 	}
 }
+
+// TestTokenRefusesLongLifetimes: kas's APIs refuse tokens valid for more
+// than kasjwt.MaxAPILifetime, so kas token does not mint them.
+func TestTokenRefusesLongLifetimes(t *testing.T) {
+	var stdout, stderr bytes.Buffer
+	code := run([]string{"token", "--secret-file", "../../testdata/config/api-secret", "--audience", kasjwt.AudienceKAS, "--ttl", "1h"}, &stdout, &stderr)
+	if code != exitUsage || stdout.Len() != 0 || !strings.Contains(stderr.String(), "longer than the 5m0s") {
+		t.Fatalf("exit %d, stdout %q, stderr %q; want a usage error naming the bound", code, &stdout, &stderr)
+	}
+}

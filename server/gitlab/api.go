@@ -151,6 +151,16 @@ var (
 	ErrNotFound     = errors.New("not found")    // 404: no such agent/resource
 )
 
+// ErrInsufficientScope is GitLab's 403 for a personal access token that
+// lacks the scope the call needs (k8s_proxy for authorize_proxy_user): Rails
+// answers {"error":"insufficient_scope", "scope": ...}. It wraps
+// ErrForbidden, so it is cacheable like any 403.
+var ErrInsufficientScope = fmt.Errorf("%w: the token lacks the scope the request needs", ErrForbidden)
+
+// ErrRedirect is a 3xx answer, which kas never follows: the fix is
+// gitlab.address. It is not cacheable.
+var ErrRedirect = errors.New("GitLab answered with a redirect")
+
 // Error is a refusal or failure from GitLab, naming what was asked.
 type Error struct {
 	// Op is what kas was doing, e.g. "get agent info".

@@ -36,9 +36,9 @@ const (
 )
 
 const (
-	// jwtLifetime is short: the token only has to survive one call, and
-	// GitLab Rails allows a minute of clock skew on its own.
-	jwtLifetime = time.Minute
+	// jwtLifetime is GitLab's own KAS's: the token only has to survive one
+	// call (its nbf is kasjwt.NotBeforeSkew in the past, for Rails' clock).
+	jwtLifetime = 30 * time.Second
 	// maxAnswerSize bounds what kas reads from GitLab; allowed_agents is the
 	// largest answer and stays far below it.
 	maxAnswerSize = 16 << 20
@@ -170,10 +170,18 @@ func NewClient(opts ClientOptions) (*Client, error) {
 	if opts.TLS != nil {
 		transport.TLSClientConfig = opts.TLS.Clone()
 	}
+	httpClient := &http.Client{
+		Transport: transport,
+		Timeout:   timeout,
+		// Never follow GitLab's redirects: the request carries the API JWT
+		// and often a user's or job's token, which would go wherever the
+		// Location says. A redirect is an error (see redirectError).
+		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+	}
 	return &Client{
 		base:          base,
 		secret:        bytes.Clone(opts.Secret),
-		http:          &http.Client{Transport: transport, Timeout: timeout},
+		http:          httpClient,
 		timeout:       timeout,
 		userAgent:     userAgent,
 		tokenFile:     opts.RepositoryTokenFile,
@@ -381,15 +389,50 @@ func (c *Client) call(ctx context.Context, op, method, path string, setHeader fu
 	if len(answer) > maxAnswerSize {
 		return nil, &Error{Op: op, URL: u, StatusCode: resp.StatusCode, Message: fmt.Sprintf("answer larger than %d bytes", maxAnswerSize)}
 	}
+	if resp.StatusCode >= 300 && resp.StatusCode <= 399 {
+		return nil, c.redirectError(ctx, op, u, resp)
+	}
 	if resp.StatusCode < 200 || resp.StatusCode > 299 {
 		return nil, statusError(op, u, resp.StatusCode, answer)
 	}
 	if check != nil {
 		if err := json.Unmarshal(answer, check); err != nil {
-			return nil, &Error{Op: op, URL: u, StatusCode: resp.StatusCode, Message: "answer is not the expected JSON: " + err.Error(), Err: err}
+			return nil, c.contractError(ctx, op, u, resp.StatusCode, "answer is not the expected JSON: "+err.Error())
+		}
+		if v, ok := check.(validator); ok {
+			if err := v.validate(); err != nil {
+				return nil, c.contractError(ctx, op, u, resp.StatusCode, "the answer breaks GitLab's contract: "+err.Error())
+			}
 		}
 	}
 	return answer, nil
+}
+
+// contractError describes, and logs, a 2xx answer kas cannot use.
+func (c *Client) contractError(ctx context.Context, op, u string, status int, msg string) *Error {
+	e := &Error{Op: op, URL: u, StatusCode: status, Message: msg, Err: ErrContract}
+	c.log.ErrorContext(ctx, "GitLab contract error: kas cannot use GitLab's answer", "error", e.Error(),
+		"correlation_id", correlation.FromContext(ctx))
+	return e
+}
+
+// redirectError describes, and logs, a redirect kas did not follow. GitLab's
+// internal API does not redirect; a redirect comes from what is in front of
+// it: http:// answered with a redirect to https://, or an address that
+// is not the one GitLab serves on.
+func (c *Client) redirectError(ctx context.Context, op, u string, resp *http.Response) *Error {
+	location := resp.Header.Get("Location")
+	if loc, err := resp.Request.URL.Parse(location); err == nil {
+		location = loc.Redacted()
+	} else {
+		location = strconv.Quote(location)
+	}
+	e := &Error{Op: op, URL: u, StatusCode: resp.StatusCode, Err: ErrRedirect,
+		Message: fmt.Sprintf("redirect to %s not followed (kas never re-sends its credentials to another address); "+
+			"gitlab.address (%s) probably needs https:// or GitLab's external URL", location, c.base.Redacted())}
+	c.log.ErrorContext(ctx, "GitLab redirected kas's call", "location", location, "error", e.Error(),
+		"correlation_id", correlation.FromContext(ctx))
+	return e
 }
 
 // statusError describes a non-2xx answer with GitLab's own message.
@@ -403,10 +446,47 @@ func statusError(op, u string, status int, answer []byte) *Error {
 		e.Err = ErrUnauthorized
 	case http.StatusForbidden:
 		e.Err = ErrForbidden
+		if scope, ok := insufficientScope(answer); ok {
+			e.Err = ErrInsufficientScope
+			e.Message = "insufficient_scope: the token needs the " + scope + " scope"
+		}
 	case http.StatusNotFound:
 		e.Err = ErrNotFound
 	}
 	return e
+}
+
+// insufficientScope recognizes the 403 Rails' API guard answers for a token
+// without a required scope ({"error": "insufficient_scope", "scope":
+// "k8s_proxy", ...}) and returns the scope.
+func insufficientScope(answer []byte) (string, bool) {
+	var m struct {
+		Error string `json:"error"`
+		Scope any    `json:"scope"` // a string, or a list of them
+	}
+	if json.Unmarshal(answer, &m) != nil || m.Error != "insufficient_scope" {
+		return "", false
+	}
+	var scopes []string
+	switch v := m.Scope.(type) {
+	case string:
+		scopes = strings.Fields(v)
+	case []any:
+		for _, s := range v {
+			if s, ok := s.(string); ok {
+				scopes = append(scopes, s)
+			}
+		}
+	}
+	if len(scopes) == 0 {
+		return "required", true
+	}
+	for i, s := range scopes {
+		if len(s) > 64 { // GitLab's scope names are short; bound what is echoed
+			scopes[i] = s[:64] + "…"
+		}
+	}
+	return strings.Join(scopes, " "), true
 }
 
 // gitlabMessage extracts GitLab's error text: Grape answers

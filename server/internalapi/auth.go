@@ -34,8 +34,9 @@ var (
 const healthMethodPrefix = "/grpc.health.v1.Health/"
 
 // authenticator checks the JWT GitLab Rails sends: HS256 with the API
-// secret, audience gitlab-kas. Rails sets the issuer to its own host name,
-// which kas does not know, so the issuer is not checked. Tokens for the
+// secret, audience gitlab-kas, valid for at most kasjwt.MaxAPILifetime (Rails
+// sends a minute). Rails sets the issuer to its own host name, which kas
+// does not know, so the issuer is not checked. Tokens for the
 // private API fail: they are signed with the private API secret and
 // addressed to another audience.
 type authenticator struct {
@@ -55,7 +56,7 @@ func (a authenticator) authenticate(authorization string) error {
 	if !ok || !strings.EqualFold(scheme, "bearer") {
 		return errNotBearer
 	}
-	if err := kasjwt.Verify(a.secret, strings.TrimSpace(token), kasjwt.AudienceKAS, ""); err != nil {
+	if err := kasjwt.Verify(a.secret, strings.TrimSpace(token), kasjwt.AudienceKAS, "", kasjwt.MaxLifetime(kasjwt.MaxAPILifetime)); err != nil {
 		return fmt.Errorf("invalid API token: %w", err)
 	}
 	return nil

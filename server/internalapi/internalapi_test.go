@@ -199,6 +199,22 @@ func expiredToken(t *testing.T) string {
 	return tok
 }
 
+// longLivedToken is signed correctly but valid for ten years.
+func longLivedToken(t *testing.T) string {
+	t.Helper()
+	now := time.Now()
+	tok, err := jwt.NewWithClaims(jwt.SigningMethodHS256, jwt.RegisteredClaims{
+		Issuer:    "gitlab.example.com",
+		Audience:  jwt.ClaimStrings{kasjwt.AudienceKAS},
+		IssuedAt:  jwt.NewNumericDate(now),
+		ExpiresAt: jwt.NewNumericDate(now.Add(10 * 365 * 24 * time.Hour)),
+	}).SignedString(apiSecret)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tok
+}
+
 func withToken(ctx context.Context, tok string) context.Context {
 	return metadata.AppendToOutgoingContext(ctx, "authorization", "bearer "+tok)
 }
@@ -355,6 +371,7 @@ func TestAuthentication(t *testing.T) {
 		{"not bearer", "Basic dXNlcjpwYXNz", `must be "bearer <JWT>"`},
 		{"garbage", "bearer not-a-jwt", "token is malformed"},
 		{"expired", "bearer " + expiredToken(t), "token has expired"},
+		{"valid for years", "bearer " + longLivedToken(t), "token is valid for too long"},
 		{"wrong audience", "bearer " + token(t, apiSecret, "gitlab.example.com", kasjwt.AudienceGitLab), "wrong audience"},
 		{"signed with the private API secret", "bearer " + token(t, privateAPISecret, kasjwt.IssuerPrivateAPI, kasjwt.AudiencePrivateAPI), "signature is invalid"},
 		{"private API token with the API secret", "bearer " + token(t, apiSecret, kasjwt.IssuerPrivateAPI, kasjwt.AudiencePrivateAPI), "wrong audience"},

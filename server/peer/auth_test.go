@@ -44,6 +44,17 @@ func signToken(t *testing.T, secret []byte, issuer, audience string) string {
 	return token
 }
 
+// dayLongToken is a correct private API token valid for a day, longer than
+// kasjwt.MaxAPILifetime.
+func dayLongToken(t *testing.T) string {
+	t.Helper()
+	token, err := kasjwt.Sign(testSecret, kasjwt.IssuerPrivateAPI, kasjwt.AudiencePrivateAPI, 24*time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return token
+}
+
 func expiredToken(t *testing.T) string {
 	t.Helper()
 	now := time.Now()
@@ -76,6 +87,7 @@ func TestServerAuthenticatesCalls(t *testing.T) {
 		{"wrong secret", "Bearer " + signToken(t, otherSecret, kasjwt.IssuerPrivateAPI, kasjwt.AudiencePrivateAPI),
 			codes.Unauthenticated, "signature is invalid"},
 		{"expired", "Bearer " + expiredToken(t), codes.Unauthenticated, "expired"},
+		{"valid for a day", "Bearer " + dayLongToken(t), codes.Unauthenticated, "valid for too long"},
 		{"wrong audience", "Bearer " + signToken(t, testSecret, kasjwt.IssuerPrivateAPI, kasjwt.AudienceKAS),
 			codes.Unauthenticated, "wrong audience"},
 		{"wrong issuer", "Bearer " + signToken(t, testSecret, kasjwt.IssuerKAS, kasjwt.AudiencePrivateAPI),

@@ -152,11 +152,26 @@ func (e *Endpoint) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	info, err := e.opts.API.GetAgentInfo(r.Context(), token)
+	if err == nil && info.AgentID <= 0 {
+		// The GitLab client refuses such an answer itself; any other
+		// backend gets the same check, so no agent runs as agent 0.
+		err = &gitlab.Error{Op: "get agent info", Err: gitlab.ErrContract,
+			Message: fmt.Sprintf("the answer names agent %d; an agent ID is positive", info.AgentID)}
+	}
 	if err != nil {
-		if gitlab.Cacheable(err) {
+		switch {
+		case gitlab.Cacheable(err):
 			e.refuse(w, log, http.StatusUnauthorized, "unauthenticated", "agent token is not valid")
 			log.Info("Agent refused", "error", err.Error())
-		} else {
+		case errors.Is(err, gitlab.ErrContract):
+			e.refuse(w, log, http.StatusBadGateway, "gitlab_error",
+				"GitLab's answer about this agent token cannot be used (a GitLab contract error); the kas log has the details")
+			log.Error("Authenticate agent: GitLab contract error", "error", err.Error())
+		case errors.Is(err, gitlab.ErrRedirect):
+			e.refuse(w, log, http.StatusBadGateway, "gitlab_error",
+				"GitLab redirected kas's call to authenticate the agent, and kas does not follow GitLab's redirects; the kas log says where to")
+			log.Error("Authenticate agent", "error", err.Error())
+		default:
 			e.refuse(w, log, http.StatusBadGateway, "gitlab_error", "kas cannot reach GitLab to authenticate the agent; try again later")
 			log.Error("Authenticate agent", "error", err.Error())
 		}
