@@ -10,7 +10,6 @@ import (
 	"net/http"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 	"unicode/utf8"
 
@@ -63,7 +62,6 @@ type Endpoint struct {
 	transport *http2.Transport
 	bodies    protocol.BulkBodies
 	limiter   *tokenLimiter
-	nextID    atomic.Int64
 
 	mu       sync.Mutex
 	closing  bool
@@ -214,7 +212,7 @@ func (e *Endpoint) serveTunnel(log *slog.Logger, ws *websocket.Conn, info *gitla
 		info: registry.TunnelInfo{
 			AgentID:           info.AgentID,
 			ProjectID:         info.ProjectID,
-			ConnectionID:      e.nextID.Add(1),
+			ConnectionID:      registry.NewConnectionID(),
 			AgentVersion:      headerValue(h, protocol.HeaderAgentVersion),
 			AgentCommit:       headerValue(h, protocol.HeaderAgentCommit),
 			PodName:           headerValue(h, protocol.HeaderPodName),

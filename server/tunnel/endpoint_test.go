@@ -354,3 +354,21 @@ func TestEndpointConnectHooks(t *testing.T) {
 		t.Fatal("tunnel still registered when OnDisconnect ran")
 	}
 }
+
+// TestEndpointConnectionIDsAreRandom: GitLab tells an agent's connections
+// apart by connection_id across nodes and restarts, so it is random, not a
+// per-node counter (which gave every first connection the ID 1).
+func TestEndpointConnectionIDsAreRandom(t *testing.T) {
+	ids := map[int64]bool{}
+	for range 2 {
+		f := newFixture(t, nil) // a fresh endpoint each time, as after a restart
+		if _, _, err := f.dial(t, "good-token", protocol.Subprotocol, http.NotFoundHandler()); err != nil {
+			t.Fatal(err)
+		}
+		id := f.waitTunnel(t, 1).Info().ConnectionID
+		if id < 1<<32 || ids[id] {
+			t.Fatalf("connection ID %d (earlier %v): want a fresh random positive int63", id, ids)
+		}
+		ids[id] = true
+	}
+}
