@@ -14,6 +14,7 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
+	"github.com/kasproject/kas/internal/healthreflection"
 	"github.com/kasproject/kas/server/kasjwt"
 )
 
@@ -41,6 +42,9 @@ const healthMethodPrefix = "/grpc.health.v1.Health/"
 // addressed to another audience.
 type authenticator struct {
 	secret []byte
+	// healthReflection describes the health service to callers without a
+	// token, so grpcurl can call it as probes do.
+	healthReflection *healthreflection.Reflection
 }
 
 // authenticate checks an authorization value ("Bearer <JWT>"; the scheme
@@ -85,6 +89,9 @@ func (a authenticator) unary(ctx context.Context, req any, info *grpc.UnaryServe
 }
 
 func (a authenticator) stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+	if served, err := a.healthReflection.Serve(ss, info.FullMethod); served {
+		return err
+	}
 	if err := a.authenticateRPC(ss.Context(), info.FullMethod); err != nil {
 		return err
 	}
