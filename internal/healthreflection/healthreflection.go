@@ -12,7 +12,6 @@
 package healthreflection
 
 import (
-
 	"google.golang.org/grpc"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/metadata"
