@@ -40,8 +40,12 @@ import (
 type Options struct {
 	Logger *slog.Logger
 	// Recent holds the recent warnings and errors for the status page; may be nil.
-	Recent  *logging.Recent
+	Recent *logging.Recent
+	// Version is kas's version, X.Y.Z[-suffix] (internal/buildinfo), and
+	// Commit the commit it was built from ("" if unknown); GetServerInfo
+	// reports both, the status page and GitLab's User-Agent the version.
 	Version string
+	Commit  string
 }
 
 // Server is one kas node.
@@ -268,6 +272,7 @@ func (s *Server) buildInternalAPI(httpMetrics *middleware.Metrics) error {
 		ConfigFiles:       s.configFileLister(),
 		OnGitPush:         s.onGitPush,
 		Version:           s.opts.Version,
+		Commit:            s.opts.Commit,
 		GitLabExternalURL: s.cfg.GitLab.ExternalURL,
 		Logger:            s.log,
 		Metrics:           httpMetrics,

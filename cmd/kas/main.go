@@ -21,6 +21,7 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
+	"github.com/kasproject/kas/internal/buildinfo"
 	"github.com/kasproject/kas/registry"
 	"github.com/kasproject/kas/server"
 	"github.com/kasproject/kas/server/config"
@@ -28,7 +29,8 @@ import (
 	"github.com/kasproject/kas/server/logging"
 )
 
-// version is set at build time with -ldflags "-X main.version=…".
+// version may be set at build time with -ldflags "-X main.version=…";
+// otherwise the version Go recorded in the binary is used (internal/buildinfo).
 var version = "dev"
 
 // exitUsage is returned for bad flags or arguments, as the flag package does.
@@ -61,7 +63,12 @@ func run(args []string, stdout, stderr io.Writer) int {
 	case "token":
 		return token(args, stdout, stderr)
 	case "version":
-		fmt.Fprintln(stdout, "kas", version)
+		build := buildinfo.Read(version, "")
+		if build.Commit != "" {
+			fmt.Fprintf(stdout, "kas %s (commit %s)\n", build.Version, build.Commit)
+		} else {
+			fmt.Fprintln(stdout, "kas", build.Version)
+		}
 		return 0
 	case "help":
 		fmt.Fprint(stdout, usage)
@@ -113,7 +120,8 @@ func runServer(args []string, stderr io.Writer) int {
 	// rate-limited, instead of a line per failed dial on stderr.
 	redis.SetLogger(registry.NewRedisClientLogger(log))
 
-	srv, err := server.New(cfg, server.Options{Logger: log, Recent: recent, Version: version})
+	build := buildinfo.Read(version, "")
+	srv, err := server.New(cfg, server.Options{Logger: log, Recent: recent, Version: build.Version, Commit: build.Commit})
 	if err != nil {
 		log.Error("Cannot start kas", "error", err.Error())
 		return 1

@@ -18,7 +18,7 @@ func TestCommands(t *testing.T) {
 		wantStdout []string
 		wantStderr []string
 	}{
-		{name: "version", args: []string{"version"}, wantStdout: []string{"kas dev"}},
+		{name: "version", args: []string{"version"}, wantStdout: []string{"kas 0.0.0-dev"}}, // go test records no version
 		{name: "help", args: []string{"help"}, wantStdout: []string{"kas config check", "kas secret generate", "kas token"}},
 		{name: "unknown command", args: []string{"frobnicate"}, wantCode: exitUsage, wantStderr: []string{`unknown command "frobnicate"`}},
 		{name: "config without check", args: []string{"config"}, wantCode: exitUsage, wantStderr: []string{"usage: kas config check"}},
