@@ -171,6 +171,7 @@ func New(cfg *config.Config, opts Options) (_ *Server, err error) {
 		Agent:           s.endpoint,
 		KubernetesProxy: proxy,
 		AllowedOrigins:  cfg.Agent.KubernetesAPI.AllowedOrigins,
+		TrustedProxies:  cfg.Agent.ParsedTrustedProxies(),
 	}
 	statusPage, statusJSON := web.Handlers(s.status)
 	observability := routes.ObservabilityHandlers{
