@@ -2,7 +2,6 @@ package tunnel
 
 import (
 	"context"
-	"crypto/sha256"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -16,8 +15,8 @@ import (
 	"github.com/gorilla/websocket"
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/net/http2"
-	"golang.org/x/time/rate"
 
+	"github.com/kasproject/kas/middleware"
 	"github.com/kasproject/kas/protocol"
 	"github.com/kasproject/kas/registry"
 	"github.com/kasproject/kas/server/correlation"
@@ -62,6 +61,7 @@ type Endpoint struct {
 	transport *http2.Transport
 	bodies    protocol.BulkBodies
 	limiter   *tokenLimiter
+	refusals  *refusalLimiter
 
 	mu       sync.Mutex
 	closing  bool
@@ -100,8 +100,9 @@ func NewEndpoint(opts Options) (*Endpoint, error) {
 			// A stalled agent must not block writers forever.
 			WriteByteTimeout: opts.PingInterval + opts.PingTimeout,
 		},
-		limiter: newTokenLimiter(opts.ConnectionsPerTokenPerMinute),
-		tunnels: map[*Tunnel]struct{}{},
+		limiter:  newTokenLimiter(opts.ConnectionsPerTokenPerMinute),
+		refusals: newRefusalLimiter(refusedPerAddressPerMinute, maxLimitedAddresses),
+		tunnels:  map[*Tunnel]struct{}{},
 		connected: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "kas_tunnels_connected",
 			Help: "Agent tunnels connected to this node.",
@@ -143,10 +144,14 @@ func (e *Endpoint) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 				r.Header.Get("Sec-WebSocket-Protocol"), protocol.Subprotocol))
 		return
 	}
-	if !e.limiter.allow(token, time.Now()) {
+	// Made-up tokens are limited per client address before GitLab is
+	// asked; real ones per token once GitLab has accepted them, so nothing
+	// a caller makes up gets a limiter entry of its own.
+	addr := middleware.ClientAddressOf(r)
+	if e.refusals.blocked(addr, time.Now()) {
 		w.Header().Set("Retry-After", "60")
 		e.refuse(w, log, http.StatusTooManyRequests, "rate_limited",
-			"too many connections for this agent token; agent.listen.connections_per_token_per_minute limits them")
+			fmt.Sprintf("too many connection attempts with agent tokens kas does not accept from this address (%s); wait a minute, and check the agent's token", addr))
 		return
 	}
 	info, err := e.opts.API.GetAgentInfo(r.Context(), token)
@@ -159,8 +164,9 @@ func (e *Endpoint) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if err != nil {
 		switch {
 		case gitlab.Cacheable(err):
+			e.refusals.refused(addr, time.Now())
 			e.refuse(w, log, http.StatusUnauthorized, "unauthenticated", "agent token is not valid")
-			log.Info("Agent refused", "error", err.Error())
+			log.Info("Agent refused", "client_address", addr, "error", err.Error())
 		case errors.Is(err, gitlab.ErrContract):
 			e.refuse(w, log, http.StatusBadGateway, "gitlab_error",
 				"GitLab's answer about this agent token cannot be used (a GitLab contract error); the kas log has the details")
@@ -173,6 +179,12 @@ func (e *Endpoint) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			e.refuse(w, log, http.StatusBadGateway, "gitlab_error", "kas cannot reach GitLab to authenticate the agent; try again later")
 			log.Error("Authenticate agent", "error", err.Error())
 		}
+		return
+	}
+	if !e.limiter.allow(token, time.Now()) {
+		w.Header().Set("Retry-After", "60")
+		e.refuse(w, log, http.StatusTooManyRequests, "rate_limited",
+			"too many connections for this agent token; agent.listen.connections_per_token_per_minute limits them")
 		return
 	}
 	e.mu.Lock()
@@ -375,47 +387,4 @@ func jitter(d time.Duration) time.Duration {
 	}
 	spread := int64(d) / 5 // ±10%
 	return d - time.Duration(spread/2) + time.Duration(rand.Int64N(spread+1))
-}
-
-// tokenLimiter limits connections per agent token. Tokens are kept as
-// SHA-256 digests so the limiter never holds a secret.
-type tokenLimiter struct {
-	perMinute int
-	mu        sync.Mutex
-	limiters  map[[sha256.Size]byte]*limiterEntry
-	lastSweep time.Time
-}
-
-type limiterEntry struct {
-	limiter *rate.Limiter
-	seen    time.Time
-}
-
-func newTokenLimiter(perMinute int) *tokenLimiter {
-	return &tokenLimiter{perMinute: perMinute, limiters: map[[sha256.Size]byte]*limiterEntry{}}
-}
-
-func (l *tokenLimiter) allow(token string, now time.Time) bool {
-	if l.perMinute <= 0 {
-		return true
-	}
-	key := sha256.Sum256([]byte(token))
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	// Forget tokens idle for two minutes; their buckets are full again anyway.
-	if now.Sub(l.lastSweep) > time.Minute {
-		for k, ent := range l.limiters {
-			if now.Sub(ent.seen) > 2*time.Minute {
-				delete(l.limiters, k)
-			}
-		}
-		l.lastSweep = now
-	}
-	ent := l.limiters[key]
-	if ent == nil {
-		ent = &limiterEntry{limiter: rate.NewLimiter(rate.Limit(float64(l.perMinute)/60), l.perMinute)}
-		l.limiters[key] = ent
-	}
-	ent.seen = now
-	return ent.limiter.AllowN(now, 1)
 }
