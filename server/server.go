@@ -30,6 +30,7 @@ import (
 	"github.com/kasproject/kas/server/peer"
 	"github.com/kasproject/kas/server/proxyauth"
 	"github.com/kasproject/kas/server/standalone"
+	"github.com/kasproject/kas/server/tokencheck"
 	"github.com/kasproject/kas/server/tunnel"
 	"github.com/kasproject/kas/server/usage"
 	"github.com/kasproject/kas/tlsutil"
@@ -66,6 +67,8 @@ type Server struct {
 	registry       registry.Registry
 	endpoint       *tunnel.Endpoint
 	internal       *internalapi.Handler
+	// tokens re-validates connected agents' tokens (Run runs it).
+	tokens *tokencheck.Checker
 	// acme gets agent.listen's certificates when tls.acme is set.
 	acme *tlsutil.ACME
 	// redis is the node's Redis client once built (see redisClient).
@@ -136,6 +139,10 @@ func New(cfg *config.Config, opts Options) (_ *Server, err error) {
 		Logger:   s.log,
 	})
 
+	if s.tokens, err = s.buildTokenChecker(); err != nil {
+		return nil, err
+	}
+
 	var onConnect func(gitlab.AgentInfo, registry.Tunnel)
 	var onDisconnect func(registry.Tunnel)
 	if s.configs != nil {
@@ -152,6 +159,7 @@ func New(cfg *config.Config, opts Options) (_ *Server, err error) {
 		ConnectionsPerTokenPerMinute: cfg.Agent.Listen.ConnectionsPerTokenPerMinute,
 		NodeURLs:                     s.nodeURLs,
 		Registerer:                   s.metrics,
+		Tokens:                       s.tokens,
 		OnConnect:                    onConnect,
 		OnDisconnect:                 onDisconnect,
 	})
@@ -248,6 +256,26 @@ func (s *Server) buildAPI() error {
 	s.api = c
 	s.gitlabClient = c
 	return nil
+}
+
+// buildTokenChecker re-validates connected agents' tokens every
+// agent.info_cache_ttl: with GitLab past its answer cache, in standalone
+// mode from the files (read afresh at most once a second anyway).
+func (s *Server) buildTokenChecker() (*tokencheck.Checker, error) {
+	check := s.api.GetAgentInfo
+	if s.gitlabClient != nil {
+		check = s.gitlabClient.CheckAgentToken
+	}
+	c, err := tokencheck.New(tokencheck.Options{
+		Check:      check,
+		Period:     s.cfg.Agent.InfoCacheTTL.D(),
+		Logger:     s.log,
+		Registerer: s.metrics,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("agent token checker: %w", err)
+	}
+	return c, nil
 }
 
 // closeAPI closes the GitLab client's idle connections; the standalone
@@ -419,6 +447,9 @@ func (s *Server) Run(ctx context.Context) error {
 	usageCtx, stopUsage := context.WithCancel(context.WithoutCancel(ctx))
 	var usageDone sync.WaitGroup
 	usageDone.Go(func() { s.usage.Run(usageCtx) })
+	checksCtx, stopChecks := context.WithCancel(context.WithoutCancel(ctx))
+	var checksDone sync.WaitGroup
+	checksDone.Go(func() { s.tokens.Run(checksCtx) })
 	for _, l := range s.listeners {
 		s.log.Info("Listening", "listener", l.name, "network", l.network, "address", l.ln.Addr().String(), "tls", l.tls != nil || l.certs != nil)
 		serving.Go(func() {
@@ -452,6 +483,8 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 	s.shutdown()
 	serving.Wait()
+	stopChecks() // the tunnels are closed: nothing left to re-validate
+	checksDone.Wait()
 	stopUsage() // after the listeners, so the last report counts every request
 	usageDone.Wait()
 	return runErr

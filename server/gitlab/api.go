@@ -7,6 +7,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"time"
 )
 
 // API is what kas asks GitLab. The Rails client and the standalone backend
@@ -30,6 +31,13 @@ type AgentInfo struct {
 	// GitalyInfo and GitalyRepository are passed through untouched.
 	GitalyInfo       map[string]any `json:"gitaly_info,omitempty"`
 	GitalyRepository map[string]any `json:"gitaly_repository,omitempty"`
+
+	// ValidatedAt is when GitLab accepted the token, as the GitLab client
+	// answers from its cache; zero means just now (the standalone backend
+	// reads its files afresh). A token re-validated periodically
+	// (server/tokencheck) is next checked relative to it. Not part of the
+	// contract.
+	ValidatedAt time.Time `json:"-"`
 }
 
 // Access types of AuthorizeProxyUserRequest.

@@ -113,6 +113,7 @@ type Client struct {
 	agentInfo     *cache
 	proxyUser     *cache
 	allowedAgents *cache
+	now           func() time.Time
 }
 
 var (
@@ -190,6 +191,7 @@ func NewClient(opts ClientOptions) (*Client, error) {
 		agentInfo:     newCache(orDefault(opts.AgentInfoTTL, DefaultAgentInfoTTL), orDefault(opts.AgentInfoErrorTTL, DefaultAgentInfoErrorTTL), size, now),
 		proxyUser:     newCache(orDefault(opts.AllowedAgentTTL, DefaultAllowedAgentTTL), orDefault(opts.AllowedAgentErrorTTL, DefaultAllowedAgentErrorTTL), size, now),
 		allowedAgents: newCache(orDefault(opts.AllowedAgentTTL, DefaultAllowedAgentTTL), orDefault(opts.AllowedAgentErrorTTL, DefaultAllowedAgentErrorTTL), size, now),
+		now:           now,
 	}, nil
 }
 
@@ -212,12 +214,31 @@ func (c *Client) CloseIdleConnections() {
 func (c *Client) GetAgentInfo(ctx context.Context, agentToken string) (*AgentInfo, error) {
 	const op = "get agent info"
 	var info AgentInfo
-	err := c.cached(ctx, op, c.agentInfo, cacheKey("agent_info", agentToken), &info, func(ctx context.Context) ([]byte, error) {
+	validatedAt, err := c.cached(ctx, op, c.agentInfo, cacheKey("agent_info", agentToken), &info, func(ctx context.Context) ([]byte, error) {
 		return c.fetchAgentInfo(ctx, op, agentToken)
 	})
 	if err != nil {
 		return nil, err
 	}
+	info.ValidatedAt = validatedAt
+	return &info, nil
+}
+
+// CheckAgentToken asks GitLab about agentToken whatever the cache holds,
+// and caches the answer like GetAgentInfo: the periodic re-validation of
+// connected agents' tokens (server/tokencheck) uses it, so a revoked token
+// is noticed within agent.info_cache_ttl and the agent's next connection
+// attempt is refused from the cache.
+func (c *Client) CheckAgentToken(ctx context.Context, agentToken string) (*AgentInfo, error) {
+	const op = "check agent token"
+	var info AgentInfo
+	validatedAt, err := c.fetchShared(ctx, op, c.agentInfo, cacheKey("agent_info", agentToken), &info, func(ctx context.Context) ([]byte, error) {
+		return c.fetchAgentInfo(ctx, op, agentToken)
+	})
+	if err != nil {
+		return nil, err
+	}
+	info.ValidatedAt = validatedAt
 	return &info, nil
 }
 
@@ -275,7 +296,7 @@ func (c *Client) AuthorizeProxyUser(ctx context.Context, req AuthorizeProxyUserR
 	const op = "authorize proxy user"
 	key := cacheKey("authorize_proxy_user", strconv.FormatInt(req.AgentID, 10), req.AccessType, req.AccessKey, req.CSRFToken)
 	var resp AuthorizeProxyUserResponse
-	err := c.cached(ctx, op, c.proxyUser, key, &resp, func(ctx context.Context) ([]byte, error) {
+	_, err := c.cached(ctx, op, c.proxyUser, key, &resp, func(ctx context.Context) ([]byte, error) {
 		return c.call(ctx, op, http.MethodPost, PathAuthorizeProxyUser, nil, req, &AuthorizeProxyUserResponse{})
 	})
 	if err != nil {
@@ -288,7 +309,7 @@ func (c *Client) AuthorizeProxyUser(ctx context.Context, req AuthorizeProxyUserR
 func (c *Client) GetAllowedAgentsForJob(ctx context.Context, jobToken string) (*AllowedAgentsForJob, error) {
 	const op = "get allowed agents for job"
 	var resp AllowedAgentsForJob
-	err := c.cached(ctx, op, c.allowedAgents, cacheKey("allowed_agents", jobToken), &resp, func(ctx context.Context) ([]byte, error) {
+	_, err := c.cached(ctx, op, c.allowedAgents, cacheKey("allowed_agents", jobToken), &resp, func(ctx context.Context) ([]byte, error) {
 		return c.call(ctx, op, http.MethodGet, PathAllowedAgents, func(h http.Header) { h.Set(HeaderJobToken, jobToken) }, nil, &AllowedAgentsForJob{})
 	})
 	if err != nil {
@@ -312,31 +333,45 @@ func (c *Client) SendUsageMetrics(ctx context.Context, m UsageMetrics) error {
 }
 
 // cached answers from cache if it can, else runs fetch once for all
-// concurrent callers with the same key, stores the outcome, and decodes the
-// body into out.
-func (c *Client) cached(ctx context.Context, op string, cache *cache, key string, out any, fetch func(context.Context) ([]byte, error)) error {
-	if body, err, ok := cache.get(key); ok {
+// concurrent callers with the same key (fetchShared). It decodes the body
+// into out and returns when GitLab gave the answer.
+func (c *Client) cached(ctx context.Context, op string, cache *cache, key string, out any, fetch func(context.Context) ([]byte, error)) (time.Time, error) {
+	if body, err, stored, ok := cache.get(key); ok {
 		if err != nil {
-			return err
+			return stored, err
 		}
-		return json.Unmarshal(body, out) // decoded once already: cannot fail
+		return stored, json.Unmarshal(body, out) // decoded once already: cannot fail
 	}
+	return c.fetchShared(ctx, op, cache, key, out, fetch)
+}
+
+// sharedAnswer is what one shared call to GitLab got, and when.
+type sharedAnswer struct {
+	body []byte
+	at   time.Time
+}
+
+// fetchShared runs fetch once for all concurrent callers with the same key,
+// stores the outcome in cache, decodes the body into out, and returns when
+// GitLab answered.
+func (c *Client) fetchShared(ctx context.Context, op string, cache *cache, key string, out any, fetch func(context.Context) ([]byte, error)) (time.Time, error) {
 	// The shared call keeps ctx's values (the correlation ID) but not its
 	// cancellation; c.http's Timeout bounds it instead.
 	shared := context.WithoutCancel(ctx)
 	ch := c.flight.DoChan(key, func() (any, error) {
 		body, err := fetch(shared)
 		cache.put(key, body, err)
-		return body, err
+		return sharedAnswer{body: body, at: c.now()}, err
 	})
 	select {
 	case <-ctx.Done():
-		return &Error{Op: op, URL: c.base.Redacted(), Message: "gave up waiting for GitLab: " + ctx.Err().Error(), Err: ctx.Err()}
+		return time.Time{}, &Error{Op: op, URL: c.base.Redacted(), Message: "gave up waiting for GitLab: " + ctx.Err().Error(), Err: ctx.Err()}
 	case r := <-ch:
 		if r.Err != nil {
-			return r.Err
+			return time.Time{}, r.Err
 		}
-		return json.Unmarshal(r.Val.([]byte), out)
+		a := r.Val.(sharedAnswer)
+		return a.at, json.Unmarshal(a.body, out)
 	}
 }
 

@@ -21,6 +21,7 @@ import (
 	"github.com/kasproject/kas/registry"
 	"github.com/kasproject/kas/server/correlation"
 	"github.com/kasproject/kas/server/gitlab"
+	"github.com/kasproject/kas/server/tokencheck"
 )
 
 // Options configure an Endpoint.
@@ -45,6 +46,9 @@ type Options struct {
 	NodeURLs []string
 	// Registerer receives the endpoint's metrics; nil means none.
 	Registerer prometheus.Registerer
+	// Tokens, if set, re-validates each tunnel's token periodically and
+	// closes the tunnel once GitLab no longer accepts it.
+	Tokens *tokencheck.Checker
 	// OnConnect, if set, is told about each tunnel once it is registered,
 	// with the agent's identity from GitLab (e.g. so the agent gets its
 	// configuration); OnDisconnect once the tunnel is unregistered, always
@@ -205,10 +209,10 @@ func (e *Endpoint) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		log.Info("Agent WebSocket upgrade failed", "agent_id", info.AgentID, "error", err.Error())
 		return // the upgrader has answered the agent
 	}
-	e.serveTunnel(log, ws, info, r.Header)
+	e.serveTunnel(log, ws, token, info, r.Header)
 }
 
-func (e *Endpoint) serveTunnel(log *slog.Logger, ws *websocket.Conn, info *gitlab.AgentInfo, h http.Header) {
+func (e *Endpoint) serveTunnel(log *slog.Logger, ws *websocket.Conn, token string, info *gitlab.AgentInfo, h http.Header) {
 	conn := newNotifyConn(protocol.NewConn(ws))
 	cc, err := e.transport.NewClientConn(conn)
 	if err != nil {
@@ -254,6 +258,13 @@ func (e *Endpoint) serveTunnel(log *slog.Logger, ws *websocket.Conn, info *gitla
 		e.opts.OnConnect(*info, t)
 	}
 
+	var revoked <-chan struct{} // nil without a token checker: never ready
+	var watch *tokencheck.Watch
+	if e.opts.Tokens != nil {
+		watch = e.opts.Tokens.Watch(token, *info)
+		defer watch.Stop()
+		revoked = watch.Revoked()
+	}
 	maxAge := time.NewTimer(jitter(e.opts.MaxConnectionAge))
 	defer maxAge.Stop()
 	select {
@@ -261,6 +272,9 @@ func (e *Endpoint) serveTunnel(log *slog.Logger, ws *websocket.Conn, info *gitla
 		log.Info("Agent disconnected")
 	case <-maxAge.C:
 		log.Info("Agent connection reached agent.listen.max_connection_age; closing it gracefully so the agent reconnects")
+	case <-revoked:
+		log.Warn("Closing the agent's tunnel: its token is no longer accepted; register the agent again and give agentk the new token",
+			"error", watch.Err().Error())
 	}
 	// Unregister first so no new request picks this tunnel while it drains.
 	if err := e.opts.Registry.Unregister(ctx, t); err != nil {
