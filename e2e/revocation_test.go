@@ -52,7 +52,9 @@ func TestRevokedTokenLosesItsTunnel(t *testing.T) {
 	if took > ttl+time.Second+2*time.Second {
 		t.Errorf("the tunnel closed %s after the revocation, want within agent.info_cache_ttl (%s) plus the reload", took, ttl)
 	}
-	eventually(t, func() bool { return strings.Contains(e.logs.String(), "agentk refused") || strings.Contains(e.logs.String(), "agent token is not valid") },
+	eventually(t, func() bool {
+		return strings.Contains(e.logs.String(), "agentk refused") || strings.Contains(e.logs.String(), "agent token is not valid")
+	},
 		func() string { return "agentk's reconnection was not refused" })
 	logs := e.logs.String()
 	if !strings.Contains(logs, "Agent token no longer accepted") || !strings.Contains(logs, "its token is no longer accepted") {
