@@ -190,13 +190,12 @@ func tunnels(observability string, agentID int64) (int, error) {
 	if err := json.NewDecoder(resp.Body).Decode(&st); err != nil {
 		return 0, fmt.Errorf("decode status: %w", err)
 	}
-	n := 0
 	for _, a := range st.Agents {
-		if a.AgentID == agentID {
-			n++
+		if a.ID == agentID {
+			return len(a.Connections), nil
 		}
 	}
-	return n, nil
+	return 0, nil
 }
 
 // waitTunnels waits until kas lists exactly n tunnels for the agent.
