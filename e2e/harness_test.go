@@ -137,7 +137,13 @@ type kasNode struct {
 // startKAS runs kas with cfg until stop is called or the test ends.
 func startKAS(t *testing.T, cfg *config.Config, log *slog.Logger) *kasNode {
 	t.Helper()
-	srv, err := server.New(cfg, server.Options{Logger: log, Version: "e2e"})
+	return startKASWith(t, cfg, server.Options{Logger: log, Version: "e2e"})
+}
+
+// startKASWith runs kas with cfg and opts until stop is called or the test ends.
+func startKASWith(t *testing.T, cfg *config.Config, opts server.Options) *kasNode {
+	t.Helper()
+	srv, err := server.New(cfg, opts)
 	if err != nil {
 		t.Fatalf("build kas: %v", err)
 	}
