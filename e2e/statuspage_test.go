@@ -20,6 +20,7 @@ import (
 	"k8s.io/client-go/rest"
 
 	"github.com/kasproject/kas/agent"
+	"github.com/kasproject/kas/internal/redistest"
 	"github.com/kasproject/kas/server"
 	"github.com/kasproject/kas/server/config"
 	"github.com/kasproject/kas/server/agentyaml"
@@ -108,19 +109,50 @@ type rowInfo struct {
 	ErrorBars int    `json:"errorBars"`
 }
 
-const rowsJS = `Array.from(document.querySelectorAll("tr[data-agent]")).map(tr => {
-  const req = tr.querySelector("svg.spark path.req"), err = tr.querySelector("svg.spark path.err");
-  return {id: tr.dataset.agent, class: tr.className, text: tr.innerText, hidden: tr.hidden,
-    bars: req ? (req.getAttribute("d").match(/M/g) || []).length : -1,
-    errorBars: err ? (err.getAttribute("d").match(/M/g) || []).length : -1};
+// rowsJS describes the agent rows: their state class (failing,
+// disconnected or none), text, whether hidden; bars counts the steps of a sparkline's
+// path above zero (an idle sparkline has no path: 0).
+const rowsJS = `Array.from(document.querySelectorAll("[data-agent]")).map(tr => {
+  const spark = tr.querySelector("svg.spark");
+  const bars = sel => { const p = spark.querySelector(sel); return p ? (p.getAttribute("d").match(/V\d+/g) || []).filter(v => +v.slice(1) < 20).length : 0; };
+  return {id: tr.dataset.agent, class: tr.className.replace(/^row */, ""), text: tr.innerText, hidden: tr.hidden,
+    bars: spark ? bars("path.req") : -1, errorBars: spark ? bars("path.err") : -1};
 })`
 
-// TestStatusPageInBrowser runs kas with agents — one with two replicas,
-// one with a hostile pod name, one whose Kubernetes API server fails, one
-// never connected — sends traffic through the proxy, and checks in
-// Chromium what an operator sees: a row per agent, sparklines, the failing
-// agent's last error, the disconnected agent, escaping, and filtering. It
-// saves a screenshot (screenshotPath).
+// statusNodeConfig is a kas node's configuration on free loopback ports,
+// sharing the Redis at redisAddr with the other nodes, in standalone mode.
+func statusNodeConfig(t *testing.T, dir, name, redisAddr, privateSecretFile, standaloneFile string) *config.Config {
+	t.Helper()
+	loopback := func() map[string]any { return map[string]any{"address": "127.0.0.1:0"} }
+	private := loopback()
+	private["authentication_secret_file"] = privateSecretFile
+	file := filepath.Join(dir, name+".yaml")
+	writeYAML(t, file, map[string]any{
+		"agent": map[string]any{"listen": loopback(),
+			"kubernetes_api": map[string]any{"agent_wait_timeout": "200ms"}},
+		"observability": map[string]any{"listen": loopback()},
+		"api":           map[string]any{"listen": loopback()},
+		"private_api":   map[string]any{"listen": private},
+		"redis": map[string]any{
+			"server":                     map[string]any{"address": redisAddr},
+			"allow_loopback_private_api": true,
+		},
+		"standalone": map[string]any{"file": standaloneFile},
+	})
+	cfg, err := config.Load(file, func(string) string { return "" })
+	if err != nil {
+		t.Fatalf("load %s: %v", file, err)
+	}
+	return cfg
+}
+
+// TestStatusPageInBrowser runs two kas nodes sharing Redis with agents —
+// one with a replica on each node, one with a hostile pod name, one whose
+// Kubernetes API server fails, one never connected — sends traffic through
+// the first node, and checks in Chromium what an operator sees on its
+// page: a row per agent with its replicas' nodes, sparklines, the failing
+// agent's last error, the disconnected agent, both nodes, escaping, and
+// filtering. It saves a screenshot (screenshotPath).
 func TestStatusPageInBrowser(t *testing.T) {
 	ctx := newBrowser(t, 2*time.Minute)
 	web1 := testAgent{11, "web", "glagent-e2e-web-11"}
@@ -129,11 +161,15 @@ func TestStatusPageInBrowser(t *testing.T) {
 	offline := testAgent{14, "offline", "glagent-e2e-offline-14"}
 
 	e := newWorld(t)
-	cfg := kasConfig(t)
-	cfg.Standalone.File = statusWorld(t, []testAgent{web1, batch, flaky, offline})
-	cfg.Agent.KubernetesAPI.AgentWaitTimeout = config.Duration(200 * time.Millisecond)
+	world := statusWorld(t, []testAgent{web1, batch, flaky, offline})
+	rdb := redistest.Start(t)
+	_, privateSecret := writeSecret(t)
+	dir := t.TempDir()
 	recent := logging.NewRecent(100)
-	e.kas = startKASWith(t, cfg, server.Options{Logger: logging.New(e.logs, slog.LevelDebug, recent), Recent: recent, Version: "v0.14.0-e2e"})
+	e.kas = startKASWith(t, statusNodeConfig(t, dir, "kas-a", rdb.Addr(), privateSecret, world),
+		server.Options{Logger: logging.New(e.logs, slog.LevelDebug, recent).With("node", "kas-a"), Recent: recent, Version: "v0.14.0-e2e"})
+	kasB := startKASWith(t, statusNodeConfig(t, dir, "kas-b", rdb.Addr(), privateSecret, world),
+		server.Options{Logger: e.log.With("node", "kas-b"), Version: "v0.14.0-e2e"})
 
 	// flaky's cluster answers every request with a 500, as an API server
 	// whose etcd is down does.
@@ -144,8 +180,8 @@ func TestStatusPageInBrowser(t *testing.T) {
 	}))
 	t.Cleanup(broken.Close)
 
-	start := func(a testAgent, pod string, apiServer string) {
-		opts := e.agentOptions(a, e.kas.public)
+	start := func(a testAgent, kas *kasNode, pod string, apiServer string) {
+		opts := e.agentOptions(a, kas.public)
 		opts.PodName = pod
 		opts.AgentVersion = "v17.6.0"
 		if apiServer != "" {
@@ -157,10 +193,10 @@ func TestStatusPageInBrowser(t *testing.T) {
 		e.mu.Unlock()
 		waitConnected(t, n.agent)
 	}
-	start(web1, "agentk-web-0", "")
-	start(web1, "agentk-web-1", "")
-	start(batch, hostilePod, "")
-	start(flaky, "agentk-flaky-0", broken.URL)
+	start(web1, e.kas, "agentk-web-0", "")
+	start(web1, kasB, "agentk-web-1", "")
+	start(batch, e.kas, hostilePod, "")
+	start(flaky, kasB, "agentk-flaky-0", broken.URL)
 	waitTunnels(t, e.kas.observability, web1.id, 2)
 	waitTunnels(t, e.kas.observability, batch.id, 1)
 	waitTunnels(t, e.kas.observability, flaky.id, 1)
@@ -221,6 +257,13 @@ func TestStatusPageInBrowser(t *testing.T) {
 	check(batch.id, "", true, false, "batch", hostilePod)
 	check(flaky.id, "failing", true, true, "flaky", "100.0%", "GET /api/v1/namespaces: the cluster answered 500 Internal Server Error")
 	check(offline.id, "disconnected", true, true, "offline", "disconnected", "agent 14 is not connected to kas")
+	nodes := evaluate[[]string](t, ctx, `Array.from(document.querySelectorAll("#nodes tbody tr")).map(tr => tr.innerText)`)
+	if len(nodes) != 2 || !strings.Contains(nodes[0], "this node") || !strings.Contains(nodes[1], "yes") || !strings.Contains(nodes[1], "v0.14.0-e2e") {
+		t.Errorf("nodes table %q, want this node and the other, reachable", nodes)
+	}
+	if r := byID[fmt.Sprint(web1.id)].Text; strings.Count(r, " · on grpc://127.0.0.1:") != 2 {
+		t.Errorf("web's replicas do not name their two nodes:\n%s", r)
+	}
 	pwned := evaluate[bool](t, ctx, `window.pwned === 1`)
 	images := evaluate[int](t, ctx, `document.querySelectorAll("img").length`)
 	if pwned || images != 0 {
@@ -245,7 +288,7 @@ func TestStatusPageInBrowser(t *testing.T) {
 	if err := chromedp.Do(ctx, chromedp.SendKeys(chromedp.CSS("#filter"), "fla")); err != nil {
 		t.Fatal(err)
 	}
-	visible := evaluate[int](t, ctx, `Array.from(document.querySelectorAll("tr[data-agent]")).filter(tr => !tr.hidden).length`)
+	visible := evaluate[int](t, ctx, `Array.from(document.querySelectorAll("[data-agent]")).filter(tr => !tr.hidden).length`)
 	search := evaluate[string](t, ctx, `location.search`)
 	if visible != 1 || search != "?q=fla" {
 		t.Errorf("after typing \"fla\": %d visible rows, URL query %q; want 1 and ?q=fla", visible, search)
@@ -345,7 +388,7 @@ func TestStatusPageRendersThousandAgents(t *testing.T) {
 		if err := chromedp.Do(ctx, chromedp.Navigate("http://"+e.kas.observability+"/"), chromedp.WaitVisible(chromedp.CSS("#agent-table"))); err != nil {
 			t.Fatalf("load the page with %d agents: %v", agents, err)
 		}
-		rows = evaluate[int](t, ctx, `document.querySelectorAll("tr[data-agent]").length`)
+		rows = evaluate[int](t, ctx, `document.querySelectorAll("[data-agent]").length`)
 		// Loaded and laid out: the time of the first frame after loading,
 		// from the start of the navigation.
 		timing := evaluate[pageTiming](t, ctx, `new Promise(r => requestAnimationFrame(() => {

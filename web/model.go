@@ -35,8 +35,8 @@ type Status struct {
 	Agents  []Agent `json:"agents"`
 	// Nodes are the kas nodes sharing Redis, this one included; empty on
 	// a single node.
-	Nodes        []Node         `json:"nodes,omitempty"`
-	Dependencies Dependencies   `json:"dependencies"`
+	Nodes        []Node          `json:"nodes,omitempty"`
+	Dependencies Dependencies    `json:"dependencies"`
 	RecentErrors []logging.Entry `json:"recent_errors"`
 	// Problems are what kas could not find out for this page (Redis
 	// unreachable, …); the rest of the page is still right.

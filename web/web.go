@@ -69,14 +69,11 @@ func queryOf(r *http.Request) Query {
 
 var funcs = template.FuncMap{
 	"ago":       ago,
-	"clock":     func(t time.Time) string { return t.UTC().Format("2006-01-02 15:04:05Z") },
-	"bytes":     humanBytes,
-	"percent":   func(f float64) string { return strconv.FormatFloat(100*f, 'f', 1, 64) + "%" },
-	"rate":      func(f float64) string { return strconv.FormatFloat(f, 'f', 1, 64) },
+	"clock":     clock,
+	"percent":   percent,
 	"ms":        func(f float64) string { return strconv.FormatFloat(f, 'f', 2, 64) + " ms" },
-	"sparkline": sparkline,
+	"agentRows": agentRows,
 	"join":      strings.Join,
-	"distinct":  distinct,
 	"sortLink":  sortLink,
 	"attr":      func(e logging.Entry, k string) string { return e.Attrs[k] },
 	"otherAttrs": func(e logging.Entry) []string {
@@ -88,17 +85,6 @@ var funcs = template.FuncMap{
 		}
 		slices.Sort(out)
 		return out
-	},
-	"lower": strings.ToLower,
-	"kind": func(c registry.TunnelInfo) string {
-		s := "dialled in"
-		if c.Receptive {
-			s = "receptive (kas dialled)"
-		}
-		if c.Flavor == registry.FlavorGitLab {
-			s += ", GitLab agentk"
-		}
-		return s
 	},
 }
 
@@ -134,10 +120,11 @@ func humanBytes(n uint64) string {
 	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }
 
-// sparkline draws requests per minute as bars, errors in red over them, on
-// one scale per agent. It is built from numbers only, so it is safe HTML.
+// sparkline draws requests per minute as a stepped area, errors in red
+// over it, on one scale per agent; an idle hour is an empty frame. It is
+// built from numbers only, so it is safe HTML. Kept small: a page may hold
+// a thousand of them.
 func sparkline(t Traffic) template.HTML {
-	const barWidth, height = 2, 20
 	peak := uint64(0)
 	var total, failed uint64
 	for _, n := range t.RequestsPerMinute {
@@ -147,23 +134,40 @@ func sparkline(t Traffic) template.HTML {
 	for _, n := range t.ErrorsPerMinute {
 		failed += n
 	}
-	width := barWidth * max(len(t.RequestsPerMinute), 1)
-	var req, errs strings.Builder
-	bar := func(b *strings.Builder, i int, n uint64) {
-		if n == 0 || peak == 0 {
-			return
+	if total == 0 {
+		return `<svg class="spark"></svg>`
+	}
+	b := make([]byte, 0, 512)
+	b = fmt.Appendf(b, `<svg class="spark" viewBox="0 0 %d %d"><title>last hour: %d requests, %d failed; peak %d/min</title>`,
+		sparkStep*len(t.RequestsPerMinute), sparkHeight, total, failed, peak)
+	b = appendSteps(append(b, `<path class="req" d="`...), t.RequestsPerMinute, peak)
+	if failed > 0 {
+		b = appendSteps(append(b, `"/><path class="err" d="`...), t.ErrorsPerMinute, peak)
+	}
+	return template.HTML(append(b, `"/></svg>`...))
+}
+
+// The sparkline's geometry: each minute is sparkStep wide, the busiest
+// minute sparkHeight high.
+const sparkStep, sparkHeight = 2, 20
+
+// appendSteps appends a path outlining counts as steps, scaled to peak.
+func appendSteps(b []byte, counts []uint64, peak uint64) []byte {
+	b = fmt.Appendf(b, "M0 %d", sparkHeight)
+	prev := -1
+	for _, n := range counts {
+		h := 0
+		if n > 0 {
+			h = max(1, int(float64(n)/float64(peak)*sparkHeight+0.5))
 		}
-		h := max(1, int(float64(n)/float64(peak)*height+0.5))
-		fmt.Fprintf(b, "M%d %dh%dv-%dh-%dz", i*barWidth, height, barWidth, h, barWidth)
+		if h != prev {
+			b = append(b, 'V')
+			b = strconv.AppendInt(b, int64(sparkHeight-h), 10)
+			prev = h
+		}
+		b = append(b, "h2"...)
 	}
-	for i, n := range t.RequestsPerMinute {
-		bar(&req, i, n)
-	}
-	for i, n := range t.ErrorsPerMinute {
-		bar(&errs, i, n)
-	}
-	return template.HTML(fmt.Sprintf(`<svg class="spark" width="%d" height="%d" viewBox="0 0 %d %d" role="img" aria-label="requests per minute, last hour"><title>last hour: %d requests, %d failed; peak %d/min</title><rect width="%d" height="%d" class="bg"/><path class="req" d="%s"/><path class="err" d="%s"/></svg>`,
-		width, height, width, height, total, failed, peak, width, height, req.String(), errs.String()))
+	return fmt.Appendf(b, "V%dz", sparkHeight)
 }
 
 // distinct lists the non-empty values of field over the connections.

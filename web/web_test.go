@@ -91,7 +91,7 @@ func TestPage(t *testing.T) {
 		"disconnected", "last seen 2h00m ago", "01JCORR", "the cluster answered 500",
 		"no: connection refused", "PING 0.42 ms", "kas.example.com", "CN=Example CA",
 		"3 known · 2 connected (3 tunnels)", "1 failing",
-		`<svg class="spark"`, `class="err" d="M`,
+		`<svg class="spark"`, `class="err" d="M0 20`,
 	} {
 		if !strings.Contains(body, want) {
 			t.Errorf("status page lacks %q", want)
@@ -116,7 +116,7 @@ func TestPage(t *testing.T) {
 		}
 	}
 	// The failing agent's row is marked, the disconnected one too.
-	for _, want := range []string{`data-agent="12" data-name="` + "&lt;img src=x onerror=alert(1)&gt;&#34;&#39;" + `" class="failing"`, `data-agent="3" data-name="staging" class="disconnected"`} {
+	for _, want := range []string{`class="row failing" role="row" data-agent="12" data-name="` + "&lt;img src=x onerror=alert(1)&gt;&#34;&#39;" + `"`, `class="row disconnected" role="row" data-agent="3" data-name="staging"`} {
 		if !strings.Contains(body, want) {
 			t.Errorf("status page lacks row %s", want)
 		}
@@ -200,13 +200,13 @@ func TestJSON(t *testing.T) {
 }
 
 func TestSparkline(t *testing.T) {
-	s := string(sparkline(Traffic{RequestsPerMinute: []uint64{0, 5, 10}, ErrorsPerMinute: []uint64{0, 0, 10}}))
-	for _, want := range []string{`width="6"`, `d="M2 20h2v-10h-2zM4 20h2v-20h-2z"`, `class="err" d="M4 20h2v-20h-2z"`, "15 requests, 10 failed; peak 10/min"} {
+	s := string(sparkline(Traffic{RequestsPerMinute: []uint64{0, 5, 10, 10}, ErrorsPerMinute: []uint64{0, 0, 10, 0}}))
+	for _, want := range []string{`viewBox="0 0 8 20"`, `class="req" d="M0 20V20h2V10h2V0h2h2V20z"`, `class="err" d="M0 20V20h2h2V0h2V20h2V20z"`, "25 requests, 10 failed; peak 10/min"} {
 		if !strings.Contains(s, want) {
 			t.Errorf("sparkline %s lacks %s", s, want)
 		}
 	}
-	if s := string(sparkline(Traffic{RequestsPerMinute: make([]uint64, 60), ErrorsPerMinute: make([]uint64, 60)})); !strings.Contains(s, `class="req" d=""`) {
+	if s := string(sparkline(Traffic{RequestsPerMinute: make([]uint64, 60), ErrorsPerMinute: make([]uint64, 60)})); s != `<svg class="spark"></svg>` {
 		t.Errorf("idle sparkline draws bars: %s", s)
 	}
 }
