@@ -74,6 +74,9 @@ type Cluster struct {
 // NewCluster returns a Cluster over opts.
 func NewCluster(opts ClusterOptions) *Cluster { return &Cluster{opts: opts} }
 
+// localTunnels are this node's tunnels, known without Redis.
+func (c *Cluster) localTunnels() []registry.TunnelInfo { return c.opts.Registry.LocalTunnels() }
+
 // NodeID is this node's ID in Redis.
 func (c *Cluster) NodeID() string { return c.opts.Registry.NodeID() }
 

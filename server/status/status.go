@@ -102,6 +102,10 @@ func (p *Page) Gather(ctx context.Context) web.Status {
 	}
 	if tunnelsErr != nil {
 		problem("List agent tunnels: %v", tunnelsErr)
+		if o.Cluster != nil {
+			tunnels = o.Cluster.localTunnels()
+			problem("Showing this node's own tunnels only: the other nodes' are listed in Redis")
+		}
 	}
 	st.Problems = append(st.Problems, cluster.problems...)
 

@@ -264,6 +264,9 @@ func TestGatherCluster(t *testing.T) {
 	if len(st.Problems) == 0 {
 		t.Error("Redis down: no problem reported")
 	}
+	if a1 := agentByID(st, 1); a1 == nil || len(a1.Connections) != 1 || a1.Connections[0].NodeURLs[0] != "grpc://a:8155" {
+		t.Errorf("Redis down: agent 1 %+v, want its tunnel on this node still shown", a1)
+	}
 	if err := a.cluster.Publish(context.Background(), a.rec, a.seen); err == nil {
 		t.Error("publishing with Redis down succeeded")
 	}
