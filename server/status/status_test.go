@@ -271,3 +271,29 @@ func TestGatherCluster(t *testing.T) {
 		t.Error("publishing with Redis down succeeded")
 	}
 }
+
+func TestGatherGitLabMode(t *testing.T) {
+	started := time.Now().Add(-time.Hour)
+	failure := &traffic.Failure{Time: time.Now().UTC(), Message: "get agent info: call GitLab at https://gitlab.example.com: connection refused; is gitlab.address (https://gitlab.example.com) right and is GitLab running?"}
+	last := time.Now().UTC()
+	page := New(Options{
+		Version: "v9", StartedAt: started, GitLabAddress: "https://gitlab.example.com", Registry: registry.NewMemory(), Seen: NewSeen(),
+		GitLab: func(now time.Time) gitlab.Health {
+			var s traffic.Series
+			s.Observe(false, 0, 0)
+			s.Observe(true, 0, 0)
+			m := s.Minutes(now)
+			m.LastFailure = failure
+			return gitlab.Health{LastCall: last, Minutes: m}
+		},
+	})
+	st := page.Gather(context.Background())
+	g := st.Dependencies.GitLab
+	if st.Mode != "gitlab" || st.GitLabAddress != "https://gitlab.example.com" || g == nil || g.Address != st.GitLabAddress ||
+		!g.LastCall.Equal(last) || g.Last5m.Requests != 2 || g.Last5m.ErrorRate != 0.5 || g.LastFailure != failure {
+		t.Fatalf("GitLab mode: mode %q, GitLab %+v", st.Mode, g)
+	}
+	if st.Dependencies.Standalone != nil || len(st.Agents) != 0 || st.Agents == nil {
+		t.Errorf("GitLab mode without agents: standalone %+v, agents %#v", st.Dependencies.Standalone, st.Agents)
+	}
+}
