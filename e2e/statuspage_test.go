@@ -22,8 +22,8 @@ import (
 	"github.com/kasproject/kas/agent"
 	"github.com/kasproject/kas/internal/redistest"
 	"github.com/kasproject/kas/server"
-	"github.com/kasproject/kas/server/config"
 	"github.com/kasproject/kas/server/agentyaml"
+	"github.com/kasproject/kas/server/config"
 	"github.com/kasproject/kas/server/logging"
 	"github.com/kasproject/kas/web"
 )

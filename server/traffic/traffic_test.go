@@ -139,7 +139,7 @@ func TestRecorder(t *testing.T) {
 	for i := range 8 {
 		wg.Go(func() {
 			for range 1000 {
-				r.Agent(int64(i % 2)).Observe(false, 0, 0)
+				r.Agent(int64(i%2)).Observe(false, 0, 0)
 			}
 		})
 	}
