@@ -69,6 +69,7 @@ func queryOf(r *http.Request) Query {
 
 var funcs = template.FuncMap{
 	"ago":       ago,
+	"until":     until,
 	"clock":     clock,
 	"percent":   percent,
 	"ms":        func(f float64) string { return strconv.FormatFloat(f, 'f', 2, 64) + " ms" },
@@ -105,6 +106,20 @@ func ago(now, t time.Time) string {
 		return fmt.Sprintf("%dh%02dm ago", int(d.Hours()), int(d.Minutes())%60)
 	}
 	return fmt.Sprintf("%dd ago", int(d.Hours()/24))
+}
+
+// until says how long after now t is, roughly.
+func until(now, t time.Time) string {
+	d := t.Sub(now)
+	switch {
+	case d < 0:
+		return "expired " + ago(now, t)
+	case d < time.Hour:
+		return fmt.Sprintf("in %dm", int(d.Minutes()))
+	case d < 48*time.Hour:
+		return fmt.Sprintf("in %dh", int(d.Hours()))
+	}
+	return fmt.Sprintf("in %dd", int(d.Hours()/24))
 }
 
 func humanBytes(n uint64) string {

@@ -55,7 +55,7 @@ func testStatus() Status {
 			{ID: "node-b", URLs: []string{"grpc://10.0.0.2:8155"}, Reachable: false, ReachError: "connection refused", Tunnels: 1},
 		},
 		Dependencies: Dependencies{
-			GitLab: &GitLab{Address: "https://gitlab.example.com", LastCall: now.Add(-5 * time.Second),
+			GitLab: &GitLab{Address: "https://gitlab.example.com", LastCall: now.Add(-5 * time.Second), Last5m: traffic.Window{Requests: 4, Errors: 1, ErrorRate: 0.25},
 				LastFailure: &traffic.Failure{Time: now.Add(-time.Minute), Message: "get agent info: call GitLab at https://gitlab.example.com/api: connection refused; is gitlab.address right?"}},
 			Redis:        &Redis{Address: "redis:6379", LatencyMS: 0.42},
 			Certificates: []tlsutil.CertificateInfo{{Source: "agent.listen certificate_file /etc/kas/tls.crt", Names: []string{"kas.example.com"}, Issuer: "CN=Example CA", NotAfter: now.Add(30 * 24 * time.Hour)}},
@@ -89,8 +89,8 @@ func TestPage(t *testing.T) {
 		"kas v1.2.3", "GitLab at https://gitlab.example.com", "node-a", `href="/metrics"`, `href="/debug/status"`, `href="/readiness"`, `href="/liveness"`,
 		"prod", "acme/infra", "gitlab-agent/agentk-0", "dialled in", "receptive (kas dialled), GitLab agentk", "v1.31.2",
 		"disconnected", "last seen 2h00m ago", "01JCORR", "the cluster answered 500",
-		"no: connection refused", "PING 0.42 ms", "kas.example.com", "CN=Example CA",
-		"3 known · 2 connected (3 tunnels)", "1 failing",
+		"no: connection refused", "PING 0.42 ms", "kas.example.com", "CN=Example CA", "(in 30d)",
+		"3 known · 2 connected (3 tunnels)", "1 failing", "GitLab failing: 25.0% of calls (5m)",
 		`<svg class="spark"`, `class="err" d="M0 20`,
 	} {
 		if !strings.Contains(body, want) {
@@ -126,8 +126,9 @@ func TestPage(t *testing.T) {
 func TestPageNotReadyAndEmpty(t *testing.T) {
 	st := Status{Version: "v1", Mode: "standalone", GeneratedAt: time.Now(), StartedAt: time.Now(), NotReadyReason: "Redis does not answer: dial tcp: connection refused",
 		Problems: []string{"List agent tunnels: boom"}}
+	st.Dependencies.Redis = &Redis{Address: "redis:6379", Error: "PING: dial tcp: connection refused"}
 	body := serve(t, st, "/").Body.String()
-	for _, want := range []string{"not ready: Redis does not answer", "List agent tunnels: boom", "No agent is known"} {
+	for _, want := range []string{"not ready: Redis does not answer", "List agent tunnels: boom", "No agent is known", "Redis unreachable", "PING: dial tcp: connection refused"} {
 		if !strings.Contains(body, want) {
 			t.Errorf("page lacks %q", want)
 		}
