@@ -56,6 +56,7 @@ func TestMadeUpTokensDoNotGrowMemory(t *testing.T) {
 	c := &http.Client{Transport: transport}
 
 	before := heapInUse()
+	start := time.Now()
 	codes := map[int]int{}
 	for i := range attempts {
 		req, _ := http.NewRequest(http.MethodGet, srv.URL+protocol.AgentPath, nil)
@@ -77,10 +78,12 @@ func TestMadeUpTokensDoNotGrowMemory(t *testing.T) {
 	grown := int64(heapInUse()) - int64(before)
 	t.Logf("%d made-up tokens: answers %v, GitLab asked %d times, heap grew by %.2f MiB",
 		attempts, codes, asked.Load(), float64(grown)/(1<<20))
-	if n := asked.Load(); n > refusedPerAddressPerMinute+5 {
-		t.Errorf("GitLab was asked %d times, want about %d (the address's allowance)", n, refusedPerAddressPerMinute)
+	// The allowance, plus what refilled while the loop ran (slow under -race).
+	allowance := int64(refusedPerAddressPerMinute) + int64(time.Since(start).Seconds()*refusedPerAddressPerMinute/60) + 2
+	if n := asked.Load(); n > allowance {
+		t.Errorf("GitLab was asked %d times, want at most %d (the address's allowance)", n, allowance)
 	}
-	if codes[http.StatusTooManyRequests] < attempts-2*refusedPerAddressPerMinute {
+	if int64(codes[http.StatusTooManyRequests]) < attempts-allowance {
 		t.Errorf("answers %v: want all but the allowance refused with 429", codes)
 	}
 	if n, m := e.refusals.size(), e.limiter.size(); n != 1 || m != 0 {
