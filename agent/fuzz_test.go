@@ -31,6 +31,8 @@ func FuzzUpstreamIdentity(f *testing.F) {
 	f.Add("e30", "impersonate-group", "system:masters")  // {}
 	f.Add("eyJ1c2VybmFtZSI6IlxuIn0", "X-Other", "value") // {"username":"\n"}
 	f.Add("!!", "Impersonate-Extra-Scopes", "all")
+	f.Add("", "Impersonate_User", "system:admin")
+	f.Add("", "X-Real-Ip", "10.0.0.1")
 
 	f.Fuzz(func(t *testing.T, identity, callerName, callerValue string) {
 		h := http.Header{}
@@ -42,7 +44,7 @@ func FuzzUpstreamIdentity(f *testing.F) {
 		if err != nil {
 			return // refused with 400: nothing is forwarded
 		}
-		setUpstreamIdentity(h, id)
+		setUpstreamIdentity(h, id, nil)
 
 		if h.Get("Authorization") != "" || h.Get(protocol.HeaderIdentity) != "" {
 			t.Fatalf("caller credentials or the identity header survived: %v", h)
@@ -51,6 +53,9 @@ func FuzzUpstreamIdentity(f *testing.F) {
 		for name, values := range h {
 			canonical := textproto.CanonicalMIMEHeaderKey(name)
 			if !strings.HasPrefix(canonical, "Impersonate-") {
+				if protocol.IsReservedHeader(name) {
+					t.Fatalf("the caller's %s: %q goes upstream", name, values)
+				}
 				continue
 			}
 			if id == nil {

@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/httputil"
+	"net/textproto"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -43,6 +45,12 @@ func (a *Agent) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 	if r.Header.Get(protocol.HeaderInternal) == "1" && strings.HasPrefix(r.URL.Path, protocol.InternalPathPrefix) {
 		a.serveInternal(rec, r)
+		return
+	}
+	if err := protocol.CheckPath(r.URL); err != nil {
+		// kas refuses such a path already; this guards an older or
+		// misbehaving kas too.
+		writeStatus(rec, http.StatusBadRequest, metav1.StatusReasonBadRequest, "agentk: "+err.Error())
 		return
 	}
 	id, err := requestIdentity(r.Header)
@@ -95,7 +103,11 @@ func newReverseProxy(a *Agent, buffers *bufferPool) *httputil.ReverseProxy {
 		Rewrite: func(pr *httputil.ProxyRequest) {
 			pr.SetURL(a.apiServer)
 			id, _ := pr.In.Context().Value(identityKey{}).(*protocol.Identity)
-			setUpstreamIdentity(pr.Out.Header, id)
+			setUpstreamIdentity(pr.Out.Header, id, pr.In.Header.Values(protocol.HeaderForwardedFor))
+		},
+		ModifyResponse: func(resp *http.Response) error {
+			deleteTunnelHeaders(resp.Header) // the API server's Kas-* must not pass for agentk's
+			return nil
 		},
 		Transport: a.apiTransport,
 		// No FlushInterval: ReverseProxy sends every chunk of an answer of
@@ -146,17 +158,30 @@ func requestIdentity(h http.Header) (*protocol.Identity, error) {
 }
 
 // setUpstreamIdentity makes h carry exactly the identity kas chose: the
-// caller's credentials and impersonation headers go, the agent's own
-// credentials are added by the transport, and id (if any) is impersonated.
-func setUpstreamIdentity(h http.Header, id *protocol.Identity) {
+// caller's credentials go, and so does every header that speaks for the
+// caller's identity or address or for the tunnel (protocol.IsReservedHeader,
+// in any spelling) except kas's X-Forwarded-For, forwardedFor, which is put
+// back; the agent's own credentials are added by the transport, and id (if
+// any) is impersonated.
+func setUpstreamIdentity(h http.Header, id *protocol.Identity, forwardedFor []string) {
 	h.Del("Authorization")
-	h.Del(protocol.HeaderIdentity)
-	h.Del(protocol.HeaderUpgrade)
-	if id == nil {
-		protocol.DeleteImpersonationHeaders(h)
-		return
+	protocol.DeleteReservedHeaders(h)
+	if len(forwardedFor) > 0 {
+		h[protocol.HeaderForwardedFor] = slices.Clone(forwardedFor)
 	}
-	protocol.SetImpersonationHeaders(h, *id)
+	if id != nil {
+		protocol.SetImpersonationHeaders(h, *id)
+	}
+}
+
+// deleteTunnelHeaders removes Kas-* headers from an API server's answer:
+// only agentk speaks the tunnel protocol to kas.
+func deleteTunnelHeaders(h http.Header) {
+	for k := range h {
+		if strings.HasPrefix(textproto.CanonicalMIMEHeaderKey(k), "Kas-") {
+			delete(h, k)
+		}
+	}
 }
 
 // apiServerFailed answers when the API server could not be reached or broke

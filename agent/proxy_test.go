@@ -108,6 +108,52 @@ func TestForwardSetsExactlyTheIdentityFromKAS(t *testing.T) {
 	}
 }
 
+// TestClientAddressAndReservedHeaders: agentk forwards kas's
+// X-Forwarded-For and nothing else that speaks for the caller's address or
+// identity, in any spelling; and no Kas-* header of the API server's answer
+// reaches kas as if agentk had sent it.
+func TestClientAddressAndReservedHeaders(t *testing.T) {
+	api := newAPIServer(t, map[string]http.HandlerFunc{
+		"/spoof": func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set(protocol.HeaderUpgradeStatus, "101")
+			w.Header().Set("Kas-Anything", "x")
+			w.Header().Set("X-Api", "kept")
+			_, _ = io.WriteString(w, "ok")
+		},
+	})
+	_, kas := connect(t, api, nil)
+	h := http.Header{
+		protocol.HeaderForwardedFor: {"203.0.113.9"}, // set by kas
+		"X-Real-Ip":                 {"10.9.9.9"},
+		"X_Real_Ip":                 {"10.9.9.9"},
+		"Forwarded":                 {"for=10.9.9.9"},
+		"X-Forwarded-Host":          {"evil.example.com"},
+		"X-Remote-User":             {"system:admin"},
+		"X-Remote-Group":            {"system:masters"},
+		"X-Remote-Extra-Scopes":     {"all"},
+		"Impersonate_User":          {"system:admin"},
+		"Accept":                    {"application/json"},
+	}
+	resp := kas.roundTrip(t, newRequest(t, http.MethodGet, "/api/v1/namespaces", nil, h))
+	got := decodeJSON[echoed](t, resp.Body)
+	if ff := got.Header.Values(protocol.HeaderForwardedFor); !slices.Equal(ff, []string{"203.0.113.9"}) {
+		t.Errorf("API server saw X-Forwarded-For %q, want kas's 203.0.113.9 alone", ff)
+	}
+	for name := range got.Header {
+		if protocol.IsReservedHeader(name) && name != protocol.HeaderForwardedFor {
+			t.Errorf("API server saw %s: %q", name, got.Header[name])
+		}
+	}
+	if got.Header.Get("Accept") != "application/json" {
+		t.Errorf("API server saw Accept %q, want the caller's", got.Header.Get("Accept"))
+	}
+
+	resp = kas.roundTrip(t, newRequest(t, http.MethodGet, "/spoof", nil, nil))
+	if resp.Header.Get(protocol.HeaderUpgradeStatus) != "" || resp.Header.Get("Kas-Anything") != "" || resp.Header.Get("X-Api") != "kept" {
+		t.Errorf("answer headers %v: want the API server's Kas-* removed and the rest kept", resp.Header)
+	}
+}
+
 func equalHeaders(a, b http.Header) bool {
 	if len(a) != len(b) {
 		return false
@@ -145,6 +191,29 @@ func TestBadIdentityIsRefusedAndNothingForwarded(t *testing.T) {
 			status := decodeJSON[metav1.Status](t, resp.Body)
 			if status.Kind != "Status" || status.Status != metav1.StatusFailure || status.Code != 400 || !strings.Contains(status.Message, tt.want) {
 				t.Errorf("got %+v, want a 400 Status saying %q", status, tt.want)
+			}
+			if n := api.requests.Load() - before; n != 0 {
+				t.Errorf("%d requests reached the API server, want none", n)
+			}
+		})
+	}
+}
+
+// TestUnsafePathsAreRefusedAndNothingForwarded: agentk refuses dot
+// segments and encoded slashes or dots itself, whatever kas sent.
+func TestUnsafePathsAreRefusedAndNothingForwarded(t *testing.T) {
+	api := newAPIServer(t, nil)
+	_, kas := connect(t, api, nil)
+	for _, path := range []string{"/../../escape", "/api/v1/..%2F..%2Fescape", "/api/%2e%2e/x", "/api/./v1"} {
+		t.Run(path, func(t *testing.T) {
+			before := api.requests.Load()
+			resp := kas.roundTrip(t, newRequest(t, http.MethodGet, path, nil, nil))
+			if resp.StatusCode != http.StatusBadRequest {
+				t.Fatalf("status %d, want 400", resp.StatusCode)
+			}
+			status := decodeJSON[metav1.Status](t, resp.Body)
+			if status.Reason != metav1.StatusReasonBadRequest || !strings.Contains(status.Message, "dot segment") {
+				t.Errorf("got %+v, want a 400 BadRequest Status about the dot segment", status)
 			}
 			if n := api.requests.Load() - before; n != 0 {
 				t.Errorf("%d requests reached the API server, want none", n)

@@ -24,7 +24,7 @@ func (a *Agent) serveUpgrade(w http.ResponseWriter, r *http.Request, id *protoco
 	// The stream's body is the upgraded byte stream, not a request body.
 	out.Body, out.GetBody, out.ContentLength = http.NoBody, nil, 0
 	removeHopByHopHeaders(out.Header)
-	setUpstreamIdentity(out.Header, id)
+	setUpstreamIdentity(out.Header, id, r.Header.Values(protocol.HeaderForwardedFor))
 	out.Header.Set("Connection", "Upgrade")
 	out.Header.Set("Upgrade", upgrade)
 	(&httputil.ProxyRequest{In: r, Out: out}).SetURL(a.apiServer)
@@ -50,6 +50,11 @@ func (a *Agent) serveUpgrade(w http.ResponseWriter, r *http.Request, id *protoco
 		return
 	}
 	copyEndToEndHeaders(w.Header(), resp.Header)
+	if _, ok := w.Header()["Date"]; !ok {
+		// kas relays these headers as the API server's 101: add none of
+		// the HTTP/2 server's own (a nil Date suppresses it).
+		w.Header()["Date"] = nil
+	}
 	w.Header().Set(protocol.HeaderUpgradeStatus, "101")
 	w.Header().Set(protocol.HeaderUpgrade, resp.Header.Get("Upgrade"))
 	w.WriteHeader(http.StatusOK)
@@ -125,10 +130,11 @@ func removeHopByHopHeaders(h http.Header) {
 }
 
 // copyEndToEndHeaders adds src's headers to dst, except hop-by-hop ones,
-// which HTTP/2 forbids.
+// which HTTP/2 forbids, and Kas-* ones, which only agentk may send kas.
 func copyEndToEndHeaders(dst, src http.Header) {
 	src = src.Clone()
 	removeHopByHopHeaders(src)
+	deleteTunnelHeaders(src)
 	for k, vv := range src {
 		dst[k] = append(dst[k], vv...)
 	}

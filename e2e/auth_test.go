@@ -216,6 +216,14 @@ func TestCallerCannotChooseIdentityOrLeakCredentials(t *testing.T) {
 		"X-E2e-Trace":              {"kept"}, // an ordinary header: passes
 		"Accept":                   {"application/json"},
 		"X-Csrf-Token":             {"stray"},
+		// Who the caller is, and where from, as fronts of the API server read it.
+		"X-Real-Ip":             {"10.9.9.9"},
+		"X-Forwarded-For":       {"10.9.9.9"},
+		"Forwarded":             {"for=10.9.9.9"},
+		"Impersonate_User":      {"system:admin"},
+		"X-Remote-User":         {"system:admin"},
+		"X-Remote-Group":        {"system:masters"},
+		"X-Remote-Extra-Scopes": {"everything"},
 	}
 	for _, tc := range []struct {
 		name  string
@@ -230,13 +238,20 @@ func TestCallerCannotChooseIdentityOrLeakCredentials(t *testing.T) {
 		{"browser session", asUser, browser(asUser.id, aliceCookie, aliceCSRF), "", "gitlab:user:alice"},
 		{"browser session naming the agent in the query", asUser, credential{cookie: aliceCookie, csrf: aliceCSRF},
 			fmt.Sprintf("gitlab-agent-id=%d&limit=5", asUser.id), "gitlab:user:alice"},
+		// A browser WebSocket cannot send headers: agent and CSRF token in the query.
+		{"browser session with everything in the query", asUser, credential{cookie: aliceCookie},
+			fmt.Sprintf("gitlab-agent-id=%d&gitlab-csrf-token=%s&limit=5", asUser.id, aliceCSRF), "gitlab:user:alice"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			path := "/api/v1/namespaces/hygiene/pods"
 			if tc.query != "" {
 				path += "?" + tc.query
 			}
-			resp := e.do(t, http.MethodGet, path, tc.cred, spoofed.Clone(), nil)
+			header := spoofed.Clone()
+			if tc.cred.cookie != "" && tc.cred.csrf == "" {
+				header.Del("X-Csrf-Token") // the CSRF token is in the query; a second, different one is refused
+			}
+			resp := e.do(t, http.MethodGet, path, tc.cred, header, nil)
 			expectStatus(t, resp, http.StatusNotFound, metav1.StatusReasonNotFound) // fakekube's: no pods here
 
 			got, ok := e.kube.LastRequest("/api/v1/namespaces/hygiene/pods")
@@ -261,8 +276,17 @@ func TestCallerCannotChooseIdentityOrLeakCredentials(t *testing.T) {
 			if a := h.Get("Authorization"); a != "Bearer "+agentSAToken {
 				t.Errorf("the cluster saw Authorization %q, want the agent's own token", a)
 			}
-			if strings.Contains(got.Query, "gitlab-agent-id") || (tc.query != "" && got.Query != "limit=5") {
-				t.Errorf("the cluster saw query %q; want the caller's without gitlab-agent-id", got.Query)
+			if strings.Contains(got.Query, "gitlab-") || (tc.query != "" && got.Query != "limit=5") {
+				t.Errorf("the cluster saw query %q; want the caller's without gitlab-agent-id and gitlab-csrf-token", got.Query)
+			}
+			// The audit log's sourceIPs: the address kas saw, nothing the caller wrote.
+			if ff := h.Values("X-Forwarded-For"); len(ff) != 1 || ff[0] != "127.0.0.1" {
+				t.Errorf("the cluster saw X-Forwarded-For %q, want the caller's real address 127.0.0.1", ff)
+			}
+			for name, v := range h {
+				if protocol.IsReservedHeader(name) && name != "X-Forwarded-For" && !strings.HasPrefix(name, "Impersonate-") {
+					t.Errorf("the cluster saw the caller's %s: %q", name, v)
+				}
 			}
 			if h.Get("X-E2e-Trace") != "kept" || h.Get("Accept") != "application/json" {
 				t.Errorf("ordinary headers were lost: %v", h)

@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"syscall"
@@ -142,6 +143,17 @@ func (p *kasProcess) address(t *testing.T, listener string) string {
 func TestKASBinary(t *testing.T) {
 	t.Parallel()
 	bin := buildKAS(t)
+
+	t.Run("version is one GitLab Rails parses", func(t *testing.T) {
+		out, err := exec.Command(bin, "version").Output()
+		if err != nil {
+			t.Fatal(err)
+		}
+		// kas X.Y.Z[-suffix] [(commit <sha>)]; Gem::Version's pattern.
+		if !regexp.MustCompile(`^kas [0-9]+(\.[0-9a-zA-Z]+)*(-[0-9A-Za-z-]+(\.[0-9A-Za-z-]+)*)?( \(commit [0-9a-f]+\))?\n$`).Match(out) {
+			t.Fatalf("kas version printed %q", out)
+		}
+	})
 
 	t.Run("SIGTERM lets in-flight requests finish", func(t *testing.T) {
 		const grace = 30 * time.Second

@@ -130,6 +130,8 @@ func kasConfig(t *testing.T) *config.Config {
 type kasNode struct {
 	public        string // the agent listener (agents, Kubernetes API proxy)
 	observability string
+	// listeners are the bound addresses of every listener, by config key.
+	listeners map[string]string
 	// stop shuts kas down and returns Run's error; later calls return the same.
 	stop func() error
 }
@@ -162,6 +164,7 @@ func startKASWith(t *testing.T, cfg *config.Config, opts server.Options) *kasNod
 	k := &kasNode{
 		public:        srv.Addr("agent.listen").String(),
 		observability: srv.Addr("observability.listen").String(),
+		listeners:     map[string]string{},
 		stop: sync.OnceValue(func() error {
 			cancel()
 			select {
@@ -171,6 +174,11 @@ func startKASWith(t *testing.T, cfg *config.Config, opts server.Options) *kasNod
 				return errors.New("kas did not stop within a minute")
 			}
 		}),
+	}
+	for _, name := range []string{"agent.listen", "agent.kubernetes_api.listen", "observability.listen", "api.listen"} {
+		if a := srv.Addr(name); a != nil {
+			k.listeners[name] = a.String()
+		}
 	}
 	t.Cleanup(func() {
 		if err := k.stop(); err != nil {

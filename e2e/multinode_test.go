@@ -209,16 +209,16 @@ func (w *threeNodes) upgradeAcrossAHop(t *testing.T) {
 	fmt.Fprintf(conn, "POST /k8s-proxy%s HTTP/1.1\r\nHost: %s\r\nAuthorization: %s\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: v4.channel.k8s.io\r\n\r\n",
 		path, entry.public, ciJob(a.id, jobToken).authorization)
 	br := bufio.NewReader(conn)
-	resp, err := http.ReadResponse(br, nil)
-	if err != nil {
-		t.Fatalf("read the answer to the upgrade: %v", err)
-	}
-	if resp.StatusCode != http.StatusSwitchingProtocols || resp.Header.Get("Upgrade") != "SPDY/3.1" || resp.Header.Get("X-Fakekube-Upgrade") != "echo" {
-		body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
-		t.Fatalf("got %s %v %s, want 101 switching to SPDY/3.1 with the cluster's headers", resp.Status, resp.Header, body)
-	}
-	if got, _ := w.kubes[2].LastRequest("/api/v1/namespaces/default/pods/web/exec"); got.Header.Get("X-Stream-Protocol-Version") != "v4.channel.k8s.io" {
+	// Framed as the cluster frames its 101 (fakekube's), across the hop too.
+	status, lines := readHead(t, br)
+	checkUpgradeFraming(t, status, lines, "HTTP/1.1 101 Switching Protocols",
+		[]string{"Connection: Upgrade", "Upgrade: SPDY/3.1", "X-Fakekube-Upgrade: echo"})
+	got, _ := w.kubes[2].LastRequest("/api/v1/namespaces/default/pods/web/exec")
+	if got.Header.Get("X-Stream-Protocol-Version") != "v4.channel.k8s.io" {
 		t.Fatalf("the agent's cluster saw headers %v, want the exec request's", got.Header)
+	}
+	if ff := got.Header.Values("X-Forwarded-For"); len(ff) != 1 || ff[0] != "127.0.0.1" {
+		t.Errorf("the agent's cluster saw X-Forwarded-For %q across the hop, want the caller's 127.0.0.1", ff)
 	}
 
 	// Interactive: each line comes back before the next is sent.

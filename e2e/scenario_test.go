@@ -36,6 +36,10 @@ const (
 	agentSAToken = "agentk-service-account-token"
 )
 
+// aliceReadAPIPAT is alice's token with the read_api scope only, not the
+// k8s_proxy scope the proxy requires: refused.
+const aliceReadAPIPAT = "glpat-e2e-alice-read-api-5e20"
+
 // testAgent is one agent registered in the world.
 type testAgent struct {
 	id    int64
@@ -57,7 +61,7 @@ var (
 
 // secrets lists every plain credential of the world, which no log may contain.
 var secrets = []string{
-	alicePAT, bobPAT, aliceCookie, aliceCSRF, jobToken, agentSAToken,
+	alicePAT, bobPAT, aliceReadAPIPAT, aliceCookie, aliceCSRF, jobToken, agentSAToken,
 	asAgent.token, asImpersonate.token, asCIJob.token, asUser.token,
 }
 
@@ -113,7 +117,8 @@ type scenarioUser struct {
 }
 
 type scenarioToken struct {
-	TokenSHA256 string `yaml:"token_sha256"`
+	TokenSHA256 string   `yaml:"token_sha256"`
+	Scopes      []string `yaml:"scopes,omitempty"`
 }
 
 type scenarioMemberships struct {
@@ -171,8 +176,11 @@ func newScenario() *scenario {
 	s.Users = []scenarioUser{
 		{
 			ID: aliceID, Username: "alice",
-			PersonalAccessTokens: []scenarioToken{{TokenSHA256: standalone.HashToken(alicePAT)}},
-			Memberships:          scenarioMemberships{Projects: map[string]string{"acme/app": "developer"}},
+			PersonalAccessTokens: []scenarioToken{
+				{TokenSHA256: standalone.HashToken(alicePAT)},
+				{TokenSHA256: standalone.HashToken(aliceReadAPIPAT), Scopes: []string{"read_api"}},
+			},
+			Memberships: scenarioMemberships{Projects: map[string]string{"acme/app": "developer"}},
 		},
 		{
 			ID: bobID, Username: "bob",

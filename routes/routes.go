@@ -6,6 +6,7 @@ import (
 	"context"
 	"log/slog"
 	"net/http"
+	"net/netip"
 
 	"github.com/go-chi/chi/v5"
 	"github.com/prometheus/client_golang/prometheus"
@@ -34,6 +35,10 @@ type PublicHandlers struct {
 	KubernetesProxy http.Handler
 	// AllowedOrigins may use the proxy from a browser (GitLab's UI).
 	AllowedOrigins []string
+	// TrustedProxies are the proxies in front of the listener whose
+	// X-Forwarded-For names the client (agent.trusted_proxies); see
+	// middleware.ClientAddress.
+	TrustedProxies []netip.Prefix
 }
 
 // Public routes the agent-facing listener:
@@ -44,6 +49,7 @@ type PublicHandlers struct {
 func Public(c Common, h PublicHandlers) http.Handler {
 	r := chi.NewRouter()
 	c.use(r, "public")
+	r.Use(middleware.ClientAddress(h.TrustedProxies))
 	r.Handle(protocol.AgentPath, h.Agent)
 	mountKubernetesProxy(r, "/-/kubernetes-agent/k8s-proxy", h)
 	mountKubernetesProxy(r, "/k8s-proxy", h)
@@ -55,6 +61,7 @@ func Public(c Common, h PublicHandlers) http.Handler {
 func KubernetesAPI(c Common, h PublicHandlers, prefix string) http.Handler {
 	r := chi.NewRouter()
 	c.use(r, "kubernetes_api")
+	r.Use(middleware.ClientAddress(h.TrustedProxies))
 	if prefix == "" || prefix == "/" {
 		r.Use(middleware.CORS(h.AllowedOrigins))
 		r.Handle("/*", h.KubernetesProxy)

@@ -31,6 +31,7 @@ import (
 	"github.com/kasproject/kas/server/proxyauth"
 	"github.com/kasproject/kas/server/standalone"
 	"github.com/kasproject/kas/server/status"
+	"github.com/kasproject/kas/server/tokencheck"
 	"github.com/kasproject/kas/server/traffic"
 	"github.com/kasproject/kas/server/tunnel"
 	"github.com/kasproject/kas/server/usage"
@@ -42,8 +43,12 @@ import (
 type Options struct {
 	Logger *slog.Logger
 	// Recent holds the recent warnings and errors for the status page; may be nil.
-	Recent  *logging.Recent
+	Recent *logging.Recent
+	// Version is kas's version, X.Y.Z[-suffix] (internal/buildinfo), and
+	// Commit the commit it was built from ("" if unknown); GetServerInfo
+	// reports both, the status page and GitLab's User-Agent the version.
 	Version string
+	Commit  string
 }
 
 // Server is one kas node.
@@ -64,6 +69,8 @@ type Server struct {
 	registry       registry.Registry
 	endpoint       *tunnel.Endpoint
 	internal       *internalapi.Handler
+	// tokens re-validates connected agents' tokens (Run runs it).
+	tokens *tokencheck.Checker
 	// acme gets agent.listen's certificates when tls.acme is set.
 	acme *tlsutil.ACME
 	// redis is the node's Redis client once built (see redisClient).
@@ -137,6 +144,10 @@ func New(cfg *config.Config, opts Options) (_ *Server, err error) {
 		Logger:   s.log,
 	})
 
+	if s.tokens, err = s.buildTokenChecker(); err != nil {
+		return nil, err
+	}
+
 	seen := s.statusParts.seen
 	onConnect := func(info gitlab.AgentInfo, t registry.Tunnel) {
 		seen.Connect(info)
@@ -161,6 +172,7 @@ func New(cfg *config.Config, opts Options) (_ *Server, err error) {
 		ConnectionsPerTokenPerMinute: cfg.Agent.Listen.ConnectionsPerTokenPerMinute,
 		NodeURLs:                     s.nodeURLs,
 		Registerer:                   s.metrics,
+		Tokens:                       s.tokens,
 		OnConnect:                    onConnect,
 		OnDisconnect:                 onDisconnect,
 	})
@@ -181,6 +193,7 @@ func New(cfg *config.Config, opts Options) (_ *Server, err error) {
 		Agent:           s.endpoint,
 		KubernetesProxy: proxy,
 		AllowedOrigins:  cfg.Agent.KubernetesAPI.AllowedOrigins,
+		TrustedProxies:  cfg.Agent.ParsedTrustedProxies(),
 	}
 	statusPage, statusJSON := web.Handlers(s.status, s.log)
 	observability := routes.ObservabilityHandlers{
@@ -262,6 +275,26 @@ func (s *Server) buildAPI() error {
 	return nil
 }
 
+// buildTokenChecker re-validates connected agents' tokens every
+// agent.info_cache_ttl: with GitLab past its answer cache, in standalone
+// mode from the files (read afresh at most once a second anyway).
+func (s *Server) buildTokenChecker() (*tokencheck.Checker, error) {
+	check := s.api.GetAgentInfo
+	if s.gitlabClient != nil {
+		check = s.gitlabClient.CheckAgentToken
+	}
+	c, err := tokencheck.New(tokencheck.Options{
+		Check:      check,
+		Period:     s.cfg.Agent.InfoCacheTTL.D(),
+		Logger:     s.log,
+		Registerer: s.metrics,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("agent token checker: %w", err)
+	}
+	return c, nil
+}
+
 // closeAPI closes the GitLab client's idle connections; the standalone
 // backend holds nothing open.
 func (s *Server) closeAPI() {
@@ -285,6 +318,7 @@ func (s *Server) buildInternalAPI(httpMetrics *middleware.Metrics) error {
 		ConfigFiles:       s.configFileLister(),
 		OnGitPush:         s.onGitPush,
 		Version:           s.opts.Version,
+		Commit:            s.opts.Commit,
 		GitLabExternalURL: s.cfg.GitLab.ExternalURL,
 		Logger:            s.log,
 		Metrics:           httpMetrics,
@@ -430,6 +464,9 @@ func (s *Server) Run(ctx context.Context) error {
 	usageCtx, stopUsage := context.WithCancel(context.WithoutCancel(ctx))
 	var usageDone sync.WaitGroup
 	usageDone.Go(func() { s.usage.Run(usageCtx) })
+	checksCtx, stopChecks := context.WithCancel(context.WithoutCancel(ctx))
+	var checksDone sync.WaitGroup
+	checksDone.Go(func() { s.tokens.Run(checksCtx) })
 	statusCtx, stopStatus := context.WithCancel(context.WithoutCancel(ctx))
 	var statusDone sync.WaitGroup
 	statusDone.Go(func() { s.runStatus(statusCtx) })
@@ -468,6 +505,8 @@ func (s *Server) Run(ctx context.Context) error {
 	statusDone.Wait()
 	s.shutdown()
 	serving.Wait()
+	stopChecks() // the tunnels are closed: nothing left to re-validate
+	checksDone.Wait()
 	stopUsage() // after the listeners, so the last report counts every request
 	usageDone.Wait()
 	return runErr

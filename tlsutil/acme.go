@@ -3,6 +3,7 @@ package tlsutil
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -211,11 +212,30 @@ func (a *ACME) Manage(ctx context.Context) error {
 	defer cancel()
 	for _, d := range a.domains {
 		if err := a.magic.ManageSync(ctx, []string{d}); err != nil {
+			if isCertificateError(err) {
+				// kas could not even talk to the CA: its DNS and ports are
+				// not the problem.
+				return fmt.Errorf("tls.acme: get a certificate for %s from %s: %w (kas does not trust the ACME server's "+
+					"TLS certificate: set tls.acme.ca_root_file to the PEM file of the CA that signed it, "+
+					"or put that CA in the directory SSL_CERT_DIR names)", d, a.ca, err)
+			}
 			return fmt.Errorf("tls.acme: get a certificate for %s from %s: %w (check that %s resolves to this kas and that %s)",
 				d, a.ca, err, d, a.reachHint())
 		}
 	}
 	return nil
+}
+
+// isCertificateError reports whether err is kas refusing the ACME server's
+// own TLS certificate (x509: unknown authority, expired, wrong name), as
+// opposed to the CA failing to validate kas.
+func isCertificateError(err error) bool {
+	var verify *tls.CertificateVerificationError
+	var invalid x509.CertificateInvalidError
+	var hostname x509.HostnameError
+	return IsUnknownAuthority(err) || errors.As(err, &verify) || errors.As(err, &invalid) || errors.As(err, &hostname) ||
+		// certmagic and acmez may keep only the text of the cause.
+		strings.Contains(err.Error(), "tls: failed to verify certificate")
 }
 
 // reachHint says which ports the CA must reach for the challenges in use.

@@ -322,3 +322,28 @@ func TestACMERedirectHandler(t *testing.T) {
 		}
 	}
 }
+
+// TestACMEUntrustedCANamesTheFix: without tls.acme.ca_root_file kas does
+// not trust Pebble's own certificate, so it cannot reach the CA at all; the
+// error says to trust the CA (tls.acme.ca_root_file, SSL_CERT_DIR), not to
+// check DNS and ports, which are not at fault.
+func TestACMEUntrustedCANamesTheFix(t *testing.T) {
+	pebble := pebbletest.Start(t, pebbletest.Options{HTTPPort: pebbletest.FreePort(t), TLSPort: pebbletest.FreePort(t)})
+	cfg := acmeConfig(pebble, ChallengeHTTP01)
+	cfg.CARootFile = ""
+	cfg.StoragePath = t.TempDir()
+	node := startACMENode(t, cfg, nil, pebbletest.FreePort(t), pebbletest.FreePort(t))
+	err := node.acme.Manage(context.Background())
+	if err == nil {
+		t.Fatal("Manage succeeded with an untrusted CA")
+	}
+	t.Log(err)
+	for _, want := range []string{"get a certificate for " + testDomain, "tls.acme.ca_root_file", "SSL_CERT_DIR"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error does not say %q", want)
+		}
+	}
+	if strings.Contains(err.Error(), "resolves to") {
+		t.Error("error blames DNS and ports")
+	}
+}

@@ -3,6 +3,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -25,9 +26,11 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/kasproject/kas/agent"
+	"github.com/kasproject/kas/internal/buildinfo"
 )
 
-// Set at build time: go build -ldflags "-X main.version=v1.2.3 -X main.commit=abc123".
+// May be set at build time: go build -ldflags "-X main.version=v1.2.3 -X main.commit=abc123";
+// otherwise what Go recorded in the binary is used (internal/buildinfo).
 var (
 	version = "dev"
 	commit  = "unknown"
@@ -70,7 +73,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return exitUsage
 	}
 	if f.version {
-		fmt.Fprintf(stdout, "agentk %s (commit %s, %s)\n", version, commit, runtime.Version())
+		build := buildinfo.Read(version, commit)
+		fmt.Fprintf(stdout, "agentk %s (commit %s, %s)\n", build.Version, cmp.Or(build.Commit, "unknown"), runtime.Version())
 		return exitOK
 	}
 	if err := serve(ctx, f, getenv, stderr); err != nil {
@@ -149,6 +153,7 @@ func serve(ctx context.Context, f flags, getenv func(string) string, stderr io.W
 	if err != nil {
 		return err
 	}
+	build := buildinfo.Read(version, commit)
 	registry := prometheus.NewRegistry()
 	registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	a, err := agent.New(agent.Options{
@@ -158,8 +163,8 @@ func serve(ctx context.Context, f flags, getenv func(string) string, stderr io.W
 		TLS:           tlsConfig,
 		Logger:        logger,
 		Registerer:    registry,
-		AgentVersion:  version,
-		AgentCommit:   commit,
+		AgentVersion:  build.Version,
+		AgentCommit:   build.Commit,
 		PodName:       getenv("POD_NAME"),
 		PodNamespace:  getenv("POD_NAMESPACE"),
 		ShutdownGrace: f.shutdownGrace,

@@ -44,7 +44,7 @@ current-context: x
 		wantStdout string
 		wantStderr string
 	}{
-		{name: "version", args: []string{"--version"}, wantCode: exitOK, wantStdout: "agentk dev"},
+		{name: "version", args: []string{"--version"}, wantCode: exitOK, wantStdout: "agentk 0.0.0-dev"},
 		{name: "help", args: []string{"--help"}, wantCode: exitOK, wantStderr: "--kas-address"},
 		{name: "unknown flag", args: []string{"--nope"}, wantCode: exitUsage, wantStderr: "flag provided but not defined: -nope"},
 		{name: "stray argument", args: append(base, "extra"), wantCode: exitUsage, wantStderr: "unexpected arguments"},

@@ -18,10 +18,10 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
-	"time"
 
 	"github.com/redis/go-redis/v9"
 
+	"github.com/kasproject/kas/internal/buildinfo"
 	"github.com/kasproject/kas/registry"
 	"github.com/kasproject/kas/server"
 	"github.com/kasproject/kas/server/config"
@@ -29,7 +29,8 @@ import (
 	"github.com/kasproject/kas/server/logging"
 )
 
-// version is set at build time with -ldflags "-X main.version=…".
+// version may be set at build time with -ldflags "-X main.version=…";
+// otherwise the version Go recorded in the binary is used (internal/buildinfo).
 var version = "dev"
 
 // exitUsage is returned for bad flags or arguments, as the flag package does.
@@ -62,7 +63,12 @@ func run(args []string, stdout, stderr io.Writer) int {
 	case "token":
 		return token(args, stdout, stderr)
 	case "version":
-		fmt.Fprintln(stdout, "kas", version)
+		build := buildinfo.Read(version, "")
+		if build.Commit != "" {
+			fmt.Fprintf(stdout, "kas %s (commit %s)\n", build.Version, build.Commit)
+		} else {
+			fmt.Fprintln(stdout, "kas", build.Version)
+		}
 		return 0
 	case "help":
 		fmt.Fprint(stdout, usage)
@@ -114,7 +120,8 @@ func runServer(args []string, stderr io.Writer) int {
 	// rate-limited, instead of a line per failed dial on stderr.
 	redis.SetLogger(registry.NewRedisClientLogger(log))
 
-	srv, err := server.New(cfg, server.Options{Logger: log, Recent: recent, Version: version})
+	build := buildinfo.Read(version, "")
+	srv, err := server.New(cfg, server.Options{Logger: log, Recent: recent, Version: build.Version, Commit: build.Commit})
 	if err != nil {
 		log.Error("Cannot start kas", "error", err.Error())
 		return 1
@@ -187,7 +194,7 @@ func token(args []string, stdout, stderr io.Writer) int {
 	secretFile := fs.String("secret-file", "", "`file` holding the base64 secret (e.g. the API secret for the internal API)")
 	audience := fs.String("audience", "", "JWT audience: "+kasjwt.AudienceKAS+" for the internal API, "+kasjwt.AudiencePrivateAPI+" for the private API")
 	issuer := fs.String("issuer", "kas-token", "JWT issuer")
-	ttl := fs.Duration("ttl", 5*time.Minute, "how long the token is valid")
+	ttl := fs.Duration("ttl", kasjwt.MaxAPILifetime, "how long the token is valid (kas's APIs accept at most "+kasjwt.MaxAPILifetime.String()+")")
 	if err := fs.Parse(args); err != nil {
 		return exitUsage
 	}
@@ -198,8 +205,11 @@ func token(args []string, stdout, stderr io.Writer) int {
 	if *audience == "" {
 		problems = append(problems, errors.New("--audience is required"))
 	}
-	if *ttl <= 0 {
+	switch {
+	case *ttl <= 0:
 		problems = append(problems, errors.New("--ttl must be positive"))
+	case *ttl > kasjwt.MaxAPILifetime:
+		problems = append(problems, fmt.Errorf("--ttl %s is longer than the %s kas's APIs accept; mint a new token when it expires", *ttl, kasjwt.MaxAPILifetime))
 	}
 	if len(problems) > 0 {
 		fmt.Fprintf(stderr, "kas token: %v\n", errors.Join(problems...))

@@ -18,7 +18,7 @@ func TestCommands(t *testing.T) {
 		wantStdout []string
 		wantStderr []string
 	}{
-		{name: "version", args: []string{"version"}, wantStdout: []string{"kas dev"}},
+		{name: "version", args: []string{"version"}, wantStdout: []string{"kas 0.0.0-dev"}}, // go test records no version
 		{name: "help", args: []string{"help"}, wantStdout: []string{"kas config check", "kas secret generate", "kas token"}},
 		{name: "unknown command", args: []string{"frobnicate"}, wantCode: exitUsage, wantStderr: []string{`unknown command "frobnicate"`}},
 		{name: "config without check", args: []string{"config"}, wantCode: exitUsage, wantStderr: []string{"usage: kas config check"}},
@@ -101,5 +101,15 @@ func TestTokenVerifies(t *testing.T) {
 	}
 	if err := kasjwt.Verify(secret, tok, kasjwt.AudienceGitLab, ""); err == nil {
 		t.Fatal("minted token verifies for another audience")
+	}
+}
+
+// TestTokenRefusesLongLifetimes: kas's APIs refuse tokens valid for more
+// than kasjwt.MaxAPILifetime, so kas token does not mint them.
+func TestTokenRefusesLongLifetimes(t *testing.T) {
+	var stdout, stderr bytes.Buffer
+	code := run([]string{"token", "--secret-file", "../../testdata/config/api-secret", "--audience", kasjwt.AudienceKAS, "--ttl", "1h"}, &stdout, &stderr)
+	if code != exitUsage || stdout.Len() != 0 || !strings.Contains(stderr.String(), "longer than the 5m0s") {
+		t.Fatalf("exit %d, stdout %q, stderr %q; want a usage error naming the bound", code, &stdout, &stderr)
 	}
 }

@@ -53,6 +53,12 @@ type Agent struct {
 	RedisConnInfoRefresh Duration      `yaml:"redis_conn_info_refresh,omitempty"`
 	RedisConnInfoGC      Duration      `yaml:"redis_conn_info_gc,omitempty"`
 	KubernetesAPI        KubernetesAPI `yaml:"kubernetes_api"`
+	// TrustedProxies are the load balancers and reverse proxies in front of
+	// agent.listen and agent.kubernetes_api.listen (CIDRs or addresses)
+	// whose X-Forwarded-For names the client: the address kas forwards to
+	// the API server as X-Forwarded-For and limits unauthenticated agent
+	// connections by. Empty: the connection's own address, no header believed.
+	TrustedProxies []string `yaml:"trusted_proxies,omitempty"`
 }
 
 // Listen is one listening socket.

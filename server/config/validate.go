@@ -107,6 +107,35 @@ func (v validator) agent(cfg *Config) {
 	for i, origin := range k.AllowedOrigins {
 		v.origin(fmt.Sprintf("agent.kubernetes_api.allowed_origins[%d]", i), origin)
 	}
+	for i, p := range a.TrustedProxies {
+		if _, err := ParseTrustedProxy(p); err != nil {
+			v.add(fmt.Sprintf("agent.trusted_proxies[%d]", i), "%v", err)
+		}
+	}
+}
+
+// ParseTrustedProxy parses one agent.trusted_proxies entry: a CIDR
+// (10.0.0.0/8, fd00::/64) or a single address (10.0.0.5, ::1).
+func ParseTrustedProxy(s string) (netip.Prefix, error) {
+	if p, err := netip.ParsePrefix(s); err == nil {
+		return p.Masked(), nil
+	}
+	if a, err := netip.ParseAddr(s); err == nil {
+		return netip.PrefixFrom(a, a.BitLen()), nil
+	}
+	return netip.Prefix{}, fmt.Errorf("want a CIDR such as 10.0.0.0/8 or an IP address such as 10.0.0.5, got %q", s)
+}
+
+// ParsedTrustedProxies parses agent.trusted_proxies, which validation has
+// checked; an entry that does not parse is left out.
+func (a Agent) ParsedTrustedProxies() []netip.Prefix {
+	var out []netip.Prefix
+	for _, s := range a.TrustedProxies {
+		if p, err := ParseTrustedProxy(s); err == nil {
+			out = append(out, p)
+		}
+	}
+	return out
 }
 
 func (v validator) observability(cfg *Config) {

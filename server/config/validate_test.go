@@ -130,6 +130,10 @@ func TestValidationProblems(t *testing.T) {
 			"agent.kubernetes_api.agent_wait_timeout", "must not be negative"},
 		{"origin with a path", "agent:\n  kubernetes_api:\n    allowed_origins: [https://gitlab.example.com, https://gitlab.example.com/-/x]\n", nil,
 			"agent.kubernetes_api.allowed_origins[1]", "want an origin such as https://gitlab.example.com"},
+		{"trusted proxy not an address", "agent:\n  trusted_proxies: [10.0.0.0/8, lb.internal]\n", nil,
+			"agent.trusted_proxies[1]", `want a CIDR such as 10.0.0.0/8 or an IP address such as 10.0.0.5, got "lb.internal"`},
+		{"trusted proxy with a bad mask", "agent:\n  trusted_proxies: [10.0.0.0/33]\n", nil,
+			"agent.trusted_proxies[0]", "want a CIDR"},
 
 		// Observability.
 		{"metrics path without slash", "observability:\n  prometheus:\n    url_path: metrics\n", nil,
@@ -324,6 +328,7 @@ func TestValidConfigurations(t *testing.T) {
 		{"SSL_CERT_DIR with two directories", "", map[string]string{EnvSSLCertDir: f.path("dir") + ":" + f.path("dir2")}},
 		{"acme", "tls:\n  acme:\n    email: admin@example.com\n    domains: [kas.example.com]\n    ca: http://127.0.0.1:14000/dir\n    ca_root_file: ca.pem\n    challenges: [http-01, tls-alpn-01]\n    http_address: :80\n    storage_path: acme\n", nil},
 		{"allowed origins", "agent:\n  kubernetes_api:\n    allowed_origins: [https://gitlab.example.com, 'http://localhost:3000/']\n", nil},
+		{"trusted proxies", "agent:\n  trusted_proxies: [10.0.0.0/8, 192.0.2.7, 'fd00::/64', '::1']\n", nil},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -7,6 +7,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"time"
 )
 
 // API is what kas asks GitLab. The Rails client and the standalone backend
@@ -30,6 +31,13 @@ type AgentInfo struct {
 	// GitalyInfo and GitalyRepository are passed through untouched.
 	GitalyInfo       map[string]any `json:"gitaly_info,omitempty"`
 	GitalyRepository map[string]any `json:"gitaly_repository,omitempty"`
+
+	// ValidatedAt is when GitLab accepted the token, as the GitLab client
+	// answers from its cache; zero means just now (the standalone backend
+	// reads its files afresh). A token re-validated periodically
+	// (server/tokencheck) is next checked relative to it. Not part of the
+	// contract.
+	ValidatedAt time.Time `json:"-"`
 }
 
 // Access types of AuthorizeProxyUserRequest.
@@ -150,6 +158,16 @@ var (
 	ErrForbidden    = errors.New("forbidden")    // 403: valid, but not allowed
 	ErrNotFound     = errors.New("not found")    // 404: no such agent/resource
 )
+
+// ErrInsufficientScope is GitLab's 403 for a personal access token that
+// lacks the scope the call needs (k8s_proxy for authorize_proxy_user): Rails
+// answers {"error":"insufficient_scope", "scope": ...}. It wraps
+// ErrForbidden, so it is cacheable like any 403.
+var ErrInsufficientScope = fmt.Errorf("%w: the token lacks the scope the request needs", ErrForbidden)
+
+// ErrRedirect is a 3xx answer, which kas never follows: the fix is
+// gitlab.address. It is not cacheable.
+var ErrRedirect = errors.New("GitLab answered with a redirect")
 
 // Error is a refusal or failure from GitLab, naming what was asked.
 type Error struct {

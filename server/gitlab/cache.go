@@ -32,6 +32,7 @@ type cache struct {
 type cacheEntry struct {
 	body    []byte
 	err     error
+	stored  time.Time // when GitLab gave the answer
 	expires time.Time
 }
 
@@ -46,19 +47,20 @@ func newCache(ttl, errTTL time.Duration, limit int, now func() time.Time) *cache
 	}
 }
 
-// get returns the stored body or refusal for key, ok false on a miss.
-func (c *cache) get(key string) (body []byte, err error, ok bool) {
+// get returns the stored body or refusal for key and when GitLab gave it,
+// ok false on a miss.
+func (c *cache) get(key string) (body []byte, err error, stored time.Time, ok bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	e, found := c.entries[key]
 	if !found {
-		return nil, nil, false
+		return nil, nil, time.Time{}, false
 	}
 	if !c.now().Before(e.expires) {
 		delete(c.entries, key)
-		return nil, nil, false
+		return nil, nil, time.Time{}, false
 	}
-	return e.body, e.err, true
+	return e.body, e.err, e.stored, true
 }
 
 // put stores the outcome of a call: a body, or an error if it is cacheable.
@@ -90,7 +92,7 @@ func (c *cache) put(key string, body []byte, err error) {
 			delete(c.entries, k)
 		}
 	}
-	c.entries[key] = cacheEntry{body: body, err: err, expires: now.Add(ttl)}
+	c.entries[key] = cacheEntry{body: body, err: err, stored: now, expires: now.Add(ttl)}
 }
 
 func (c *cache) dropExpired(now time.Time) {

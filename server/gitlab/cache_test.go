@@ -28,7 +28,7 @@ func TestCacheKeepsOnlyWhatMayBeCached(t *testing.T) {
 	}
 	for _, tt := range tests {
 		c.put(tt.key, tt.body, tt.err)
-		_, err, ok := c.get(tt.key)
+		_, err, _, ok := c.get(tt.key)
 		if ok != tt.stored {
 			t.Errorf("%s: stored = %v, want %v", tt.key, ok, tt.stored)
 		}
@@ -37,10 +37,10 @@ func TestCacheKeepsOnlyWhatMayBeCached(t *testing.T) {
 		}
 	}
 	clk.now = clk.now.Add(10 * time.Second)
-	if _, _, ok := c.get("refusal"); ok {
+	if _, _, _, ok := c.get("refusal"); ok {
 		t.Error("refusal outlived its TTL")
 	}
-	if _, _, ok := c.get("answer"); !ok {
+	if _, _, _, ok := c.get("answer"); !ok {
 		t.Error("answer expired with the refusal TTL")
 	}
 	if len(c.entries) != 1 {
@@ -68,7 +68,7 @@ func TestCacheStaysBounded(t *testing.T) {
 		}
 	}
 	last := cacheKey("q", strings.Repeat("x", 10*limit-1))
-	if _, _, ok := c.get(last); !ok {
+	if _, _, _, ok := c.get(last); !ok {
 		t.Error("the newest entry was evicted")
 	}
 

@@ -36,9 +36,9 @@ const (
 )
 
 const (
-	// jwtLifetime is short: the token only has to survive one call, and
-	// GitLab Rails allows a minute of clock skew on its own.
-	jwtLifetime = time.Minute
+	// jwtLifetime is GitLab's own KAS's: the token only has to survive one
+	// call (its nbf is kasjwt.NotBeforeSkew in the past, for Rails' clock).
+	jwtLifetime = 30 * time.Second
 	// maxAnswerSize bounds what kas reads from GitLab; allowed_agents is the
 	// largest answer and stays far below it.
 	maxAnswerSize = 16 << 20
@@ -113,6 +113,7 @@ type Client struct {
 	agentInfo     *cache
 	proxyUser     *cache
 	allowedAgents *cache
+	now           func() time.Time
 
 	health health // how GitLab has been answering, for the status page
 }
@@ -172,10 +173,18 @@ func NewClient(opts ClientOptions) (*Client, error) {
 	if opts.TLS != nil {
 		transport.TLSClientConfig = opts.TLS.Clone()
 	}
+	httpClient := &http.Client{
+		Transport: transport,
+		Timeout:   timeout,
+		// Never follow GitLab's redirects: the request carries the API JWT
+		// and often a user's or job's token, which would go wherever the
+		// Location says. A redirect is an error (see redirectError).
+		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+	}
 	return &Client{
 		base:          base,
 		secret:        bytes.Clone(opts.Secret),
-		http:          &http.Client{Transport: transport, Timeout: timeout},
+		http:          httpClient,
 		timeout:       timeout,
 		userAgent:     userAgent,
 		tokenFile:     opts.RepositoryTokenFile,
@@ -184,6 +193,7 @@ func NewClient(opts ClientOptions) (*Client, error) {
 		agentInfo:     newCache(orDefault(opts.AgentInfoTTL, DefaultAgentInfoTTL), orDefault(opts.AgentInfoErrorTTL, DefaultAgentInfoErrorTTL), size, now),
 		proxyUser:     newCache(orDefault(opts.AllowedAgentTTL, DefaultAllowedAgentTTL), orDefault(opts.AllowedAgentErrorTTL, DefaultAllowedAgentErrorTTL), size, now),
 		allowedAgents: newCache(orDefault(opts.AllowedAgentTTL, DefaultAllowedAgentTTL), orDefault(opts.AllowedAgentErrorTTL, DefaultAllowedAgentErrorTTL), size, now),
+		now:           now,
 	}, nil
 }
 
@@ -206,12 +216,31 @@ func (c *Client) CloseIdleConnections() {
 func (c *Client) GetAgentInfo(ctx context.Context, agentToken string) (*AgentInfo, error) {
 	const op = "get agent info"
 	var info AgentInfo
-	err := c.cached(ctx, op, c.agentInfo, cacheKey("agent_info", agentToken), &info, func(ctx context.Context) ([]byte, error) {
+	validatedAt, err := c.cached(ctx, op, c.agentInfo, cacheKey("agent_info", agentToken), &info, func(ctx context.Context) ([]byte, error) {
 		return c.fetchAgentInfo(ctx, op, agentToken)
 	})
 	if err != nil {
 		return nil, err
 	}
+	info.ValidatedAt = validatedAt
+	return &info, nil
+}
+
+// CheckAgentToken asks GitLab about agentToken whatever the cache holds,
+// and caches the answer like GetAgentInfo: the periodic re-validation of
+// connected agents' tokens (server/tokencheck) uses it, so a revoked token
+// is noticed within agent.info_cache_ttl and the agent's next connection
+// attempt is refused from the cache.
+func (c *Client) CheckAgentToken(ctx context.Context, agentToken string) (*AgentInfo, error) {
+	const op = "check agent token"
+	var info AgentInfo
+	validatedAt, err := c.fetchShared(ctx, op, c.agentInfo, cacheKey("agent_info", agentToken), &info, func(ctx context.Context) ([]byte, error) {
+		return c.fetchAgentInfo(ctx, op, agentToken)
+	})
+	if err != nil {
+		return nil, err
+	}
+	info.ValidatedAt = validatedAt
 	return &info, nil
 }
 
@@ -269,7 +298,7 @@ func (c *Client) AuthorizeProxyUser(ctx context.Context, req AuthorizeProxyUserR
 	const op = "authorize proxy user"
 	key := cacheKey("authorize_proxy_user", strconv.FormatInt(req.AgentID, 10), req.AccessType, req.AccessKey, req.CSRFToken)
 	var resp AuthorizeProxyUserResponse
-	err := c.cached(ctx, op, c.proxyUser, key, &resp, func(ctx context.Context) ([]byte, error) {
+	_, err := c.cached(ctx, op, c.proxyUser, key, &resp, func(ctx context.Context) ([]byte, error) {
 		return c.call(ctx, op, http.MethodPost, PathAuthorizeProxyUser, nil, req, &AuthorizeProxyUserResponse{})
 	})
 	if err != nil {
@@ -282,7 +311,7 @@ func (c *Client) AuthorizeProxyUser(ctx context.Context, req AuthorizeProxyUserR
 func (c *Client) GetAllowedAgentsForJob(ctx context.Context, jobToken string) (*AllowedAgentsForJob, error) {
 	const op = "get allowed agents for job"
 	var resp AllowedAgentsForJob
-	err := c.cached(ctx, op, c.allowedAgents, cacheKey("allowed_agents", jobToken), &resp, func(ctx context.Context) ([]byte, error) {
+	_, err := c.cached(ctx, op, c.allowedAgents, cacheKey("allowed_agents", jobToken), &resp, func(ctx context.Context) ([]byte, error) {
 		return c.call(ctx, op, http.MethodGet, PathAllowedAgents, func(h http.Header) { h.Set(HeaderJobToken, jobToken) }, nil, &AllowedAgentsForJob{})
 	})
 	if err != nil {
@@ -306,31 +335,45 @@ func (c *Client) SendUsageMetrics(ctx context.Context, m UsageMetrics) error {
 }
 
 // cached answers from cache if it can, else runs fetch once for all
-// concurrent callers with the same key, stores the outcome, and decodes the
-// body into out.
-func (c *Client) cached(ctx context.Context, op string, cache *cache, key string, out any, fetch func(context.Context) ([]byte, error)) error {
-	if body, err, ok := cache.get(key); ok {
+// concurrent callers with the same key (fetchShared). It decodes the body
+// into out and returns when GitLab gave the answer.
+func (c *Client) cached(ctx context.Context, op string, cache *cache, key string, out any, fetch func(context.Context) ([]byte, error)) (time.Time, error) {
+	if body, err, stored, ok := cache.get(key); ok {
 		if err != nil {
-			return err
+			return stored, err
 		}
-		return json.Unmarshal(body, out) // decoded once already: cannot fail
+		return stored, json.Unmarshal(body, out) // decoded once already: cannot fail
 	}
+	return c.fetchShared(ctx, op, cache, key, out, fetch)
+}
+
+// sharedAnswer is what one shared call to GitLab got, and when.
+type sharedAnswer struct {
+	body []byte
+	at   time.Time
+}
+
+// fetchShared runs fetch once for all concurrent callers with the same key,
+// stores the outcome in cache, decodes the body into out, and returns when
+// GitLab answered.
+func (c *Client) fetchShared(ctx context.Context, op string, cache *cache, key string, out any, fetch func(context.Context) ([]byte, error)) (time.Time, error) {
 	// The shared call keeps ctx's values (the correlation ID) but not its
 	// cancellation; c.http's Timeout bounds it instead.
 	shared := context.WithoutCancel(ctx)
 	ch := c.flight.DoChan(key, func() (any, error) {
 		body, err := fetch(shared)
 		cache.put(key, body, err)
-		return body, err
+		return sharedAnswer{body: body, at: c.now()}, err
 	})
 	select {
 	case <-ctx.Done():
-		return &Error{Op: op, URL: c.base.Redacted(), Message: "gave up waiting for GitLab: " + ctx.Err().Error(), Err: ctx.Err()}
+		return time.Time{}, &Error{Op: op, URL: c.base.Redacted(), Message: "gave up waiting for GitLab: " + ctx.Err().Error(), Err: ctx.Err()}
 	case r := <-ch:
 		if r.Err != nil {
-			return r.Err
+			return time.Time{}, r.Err
 		}
-		return json.Unmarshal(r.Val.([]byte), out)
+		a := r.Val.(sharedAnswer)
+		return a.at, json.Unmarshal(a.body, out)
 	}
 }
 
@@ -384,15 +427,50 @@ func (c *Client) call(ctx context.Context, op, method, path string, setHeader fu
 	if len(answer) > maxAnswerSize {
 		return nil, &Error{Op: op, URL: u, StatusCode: resp.StatusCode, Message: fmt.Sprintf("answer larger than %d bytes", maxAnswerSize)}
 	}
+	if resp.StatusCode >= 300 && resp.StatusCode <= 399 {
+		return nil, c.redirectError(ctx, op, u, resp)
+	}
 	if resp.StatusCode < 200 || resp.StatusCode > 299 {
 		return nil, statusError(op, u, resp.StatusCode, answer)
 	}
 	if check != nil {
 		if err := json.Unmarshal(answer, check); err != nil {
-			return nil, &Error{Op: op, URL: u, StatusCode: resp.StatusCode, Message: "answer is not the expected JSON: " + err.Error(), Err: err}
+			return nil, c.contractError(ctx, op, u, resp.StatusCode, "answer is not the expected JSON: "+err.Error())
+		}
+		if v, ok := check.(validator); ok {
+			if err := v.validate(); err != nil {
+				return nil, c.contractError(ctx, op, u, resp.StatusCode, "the answer breaks GitLab's contract: "+err.Error())
+			}
 		}
 	}
 	return answer, nil
+}
+
+// contractError describes, and logs, a 2xx answer kas cannot use.
+func (c *Client) contractError(ctx context.Context, op, u string, status int, msg string) *Error {
+	e := &Error{Op: op, URL: u, StatusCode: status, Message: msg, Err: ErrContract}
+	c.log.ErrorContext(ctx, "GitLab contract error: kas cannot use GitLab's answer", "error", e.Error(),
+		"correlation_id", correlation.FromContext(ctx))
+	return e
+}
+
+// redirectError describes, and logs, a redirect kas did not follow. GitLab's
+// internal API does not redirect; a redirect comes from what is in front of
+// it: http:// answered with a redirect to https://, or an address that
+// is not the one GitLab serves on.
+func (c *Client) redirectError(ctx context.Context, op, u string, resp *http.Response) *Error {
+	location := resp.Header.Get("Location")
+	if loc, err := resp.Request.URL.Parse(location); err == nil {
+		location = loc.Redacted()
+	} else {
+		location = strconv.Quote(location)
+	}
+	e := &Error{Op: op, URL: u, StatusCode: resp.StatusCode, Err: ErrRedirect,
+		Message: fmt.Sprintf("redirect to %s not followed (kas never re-sends its credentials to another address); "+
+			"gitlab.address (%s) probably needs https:// or GitLab's external URL", location, c.base.Redacted())}
+	c.log.ErrorContext(ctx, "GitLab redirected kas's call", "location", location, "error", e.Error(),
+		"correlation_id", correlation.FromContext(ctx))
+	return e
 }
 
 // statusError describes a non-2xx answer with GitLab's own message.
@@ -406,10 +484,47 @@ func statusError(op, u string, status int, answer []byte) *Error {
 		e.Err = ErrUnauthorized
 	case http.StatusForbidden:
 		e.Err = ErrForbidden
+		if scope, ok := insufficientScope(answer); ok {
+			e.Err = ErrInsufficientScope
+			e.Message = "insufficient_scope: the token needs the " + scope + " scope"
+		}
 	case http.StatusNotFound:
 		e.Err = ErrNotFound
 	}
 	return e
+}
+
+// insufficientScope recognizes the 403 Rails' API guard answers for a token
+// without a required scope ({"error": "insufficient_scope", "scope":
+// "k8s_proxy", ...}) and returns the scope.
+func insufficientScope(answer []byte) (string, bool) {
+	var m struct {
+		Error string `json:"error"`
+		Scope any    `json:"scope"` // a string, or a list of them
+	}
+	if json.Unmarshal(answer, &m) != nil || m.Error != "insufficient_scope" {
+		return "", false
+	}
+	var scopes []string
+	switch v := m.Scope.(type) {
+	case string:
+		scopes = strings.Fields(v)
+	case []any:
+		for _, s := range v {
+			if s, ok := s.(string); ok {
+				scopes = append(scopes, s)
+			}
+		}
+	}
+	if len(scopes) == 0 {
+		return "required", true
+	}
+	for i, s := range scopes {
+		if len(s) > 64 { // GitLab's scope names are short; bound what is echoed
+			scopes[i] = s[:64] + "…"
+		}
+	}
+	return strings.Join(scopes, " "), true
 }
 
 // gitlabMessage extracts GitLab's error text: Grape answers

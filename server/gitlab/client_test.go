@@ -1,12 +1,15 @@
 package gitlab_test
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"encoding/pem"
 	"errors"
+	"log/slog"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -147,7 +150,7 @@ var questions = []question{
 		name: "agent info", path: gitlab.PathAgentInfo, good: agentToken,
 		ttl: gitlab.DefaultAgentInfoTTL, errTTL: gitlab.DefaultAgentInfoErrorTTL,
 		ask: func(ctx context.Context, c *gitlab.Client, cred string) (any, error) {
-			return c.GetAgentInfo(ctx, cred)
+			return agentInfoAnswer(c.GetAgentInfo(ctx, cred))
 		},
 		want: agentInfo,
 	},
@@ -169,9 +172,22 @@ var questions = []question{
 	},
 }
 
+// agentInfoAnswer checks that an answer says when the token was validated
+// and clears that time, so the answer compares equal to the contract's.
+func agentInfoAnswer(info *gitlab.AgentInfo, err error) (*gitlab.AgentInfo, error) {
+	if err != nil {
+		return info, err
+	}
+	if info.ValidatedAt.IsZero() {
+		return nil, errors.New("the answer does not say when GitLab validated the token")
+	}
+	info.ValidatedAt = time.Time{}
+	return info, nil
+}
+
 // checkJWT verifies the Gitlab-Kas-Api-Request token against the contract
-// as Rails would: HS256, the API secret, iss gitlab-kas, aud gitlab, and a
-// lifetime of at most a minute.
+// as Rails would: HS256, the API secret, iss gitlab-kas, aud gitlab; and
+// GitLab KAS's parameters: valid for 30 s, nbf 5 s before iat.
 func checkJWT(t *testing.T, h http.Header) {
 	t.Helper()
 	token := h.Get("Gitlab-Kas-Api-Request")
@@ -186,9 +202,124 @@ func checkJWT(t *testing.T, h http.Header) {
 	if alg := parsed.Header["alg"]; alg != "HS256" {
 		t.Errorf("alg = %v, want HS256", alg)
 	}
-	if life := claims.ExpiresAt.Sub(claims.IssuedAt.Time); life <= 0 || life > time.Minute {
-		t.Errorf("JWT lifetime %s, want (0, 1m]", life)
+	if life := claims.ExpiresAt.Sub(claims.IssuedAt.Time); life != 30*time.Second {
+		t.Errorf("JWT lifetime %s, want 30s", life)
 	}
+	if claims.NotBefore == nil || claims.IssuedAt.Sub(claims.NotBefore.Time) != 5*time.Second {
+		t.Errorf("JWT nbf %v, want 5 s before iat %v", claims.NotBefore, claims.IssuedAt)
+	}
+}
+
+// TestRailsClockBehind: Rails checks nbf to the second with no leeway, so
+// kas's tokens must already be valid for a Rails whose clock is behind.
+// With nbf = iat a Rails 300 ms behind refused about a third of the calls.
+func TestRailsClockBehind(t *testing.T) {
+	for _, offset := range []time.Duration{-300 * time.Millisecond, -3 * time.Second} {
+		srv := gitlabtest.New(t, secret, backend{}, gitlabtest.WithClockOffset(offset))
+		c := newClient(t, srv.URL, func(o *gitlab.ClientOptions) { o.AgentInfoTTL, o.AllowedAgentTTL = -1, -1 })
+		ctx := context.Background()
+		refused := 0
+		for range 5 {
+			for _, q := range questions {
+				if _, err := q.ask(ctx, c, q.good); err != nil {
+					t.Logf("%s: %v", q.name, err)
+					refused++
+				}
+			}
+			if err := c.PostAgentConfiguration(ctx, 7, json.RawMessage(`{}`)); err != nil {
+				t.Logf("agent configuration: %v", err)
+				refused++
+			}
+			if err := c.SendUsageMetrics(ctx, gitlab.UsageMetrics{Counters: map[string]int64{"x": 1}}); err != nil {
+				t.Logf("usage metrics: %v", err)
+				refused++
+			}
+			time.Sleep(200 * time.Millisecond) // land on other fractions of a second
+		}
+		if refused > 0 {
+			t.Errorf("Rails %s off: %d of 25 calls refused, want none", offset, refused)
+		}
+	}
+}
+
+// TestRedirectsAreNotFollowed: kas must never re-send its JWT or a user's,
+// job's or agent's token to wherever GitLab's Location points.
+func TestRedirectsAreNotFollowed(t *testing.T) {
+	var elsewhere atomic.Int32
+	other := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		elsewhere.Add(1)
+		w.WriteHeader(http.StatusOK)
+		_, _ = w.Write([]byte(`{}`))
+	}))
+	t.Cleanup(other.Close)
+	srv := gitlabtest.New(t, secret, backend{})
+	var logs syncBuffer
+	c := newClient(t, srv.URL, func(o *gitlab.ClientOptions) {
+		o.Logger = slog.New(slog.NewJSONHandler(&logs, nil))
+	})
+	ctx := context.Background()
+	calls := []struct {
+		name, path string
+		do         func() error
+	}{
+		{"agent info", gitlab.PathAgentInfo, func() error { _, err := c.GetAgentInfo(ctx, agentToken); return err }},
+		{"authorize proxy user", gitlab.PathAuthorizeProxyUser, func() error {
+			_, err := c.AuthorizeProxyUser(ctx, gitlab.AuthorizeProxyUserRequest{AgentID: 7, AccessType: gitlab.AccessTypeSessionCookie, AccessKey: userKey, CSRFToken: "csrf"})
+			return err
+		}},
+		{"allowed agents", gitlab.PathAllowedAgents, func() error { _, err := c.GetAllowedAgentsForJob(ctx, jobToken); return err }},
+		{"agent configuration", gitlab.PathAgentConfiguration, func() error { return c.PostAgentConfiguration(ctx, 7, json.RawMessage(`{}`)) }},
+		{"usage metrics", gitlab.PathUsageMetrics, func() error {
+			return c.SendUsageMetrics(ctx, gitlab.UsageMetrics{Counters: map[string]int64{"x": 1}})
+		}},
+	}
+	for _, code := range []int{http.StatusMovedPermanently, http.StatusFound, http.StatusTemporaryRedirect, http.StatusPermanentRedirect} {
+		for _, call := range calls {
+			srv.Fail(call.path, gitlabtest.Failure{Status: code, Location: other.URL + call.path, Times: 1})
+			err := call.do()
+			var ge *gitlab.Error
+			if !errors.As(err, &ge) || !errors.Is(err, gitlab.ErrRedirect) || ge.StatusCode != code {
+				t.Fatalf("%d %s: err = %v, want a *gitlab.Error wrapping ErrRedirect with status %d", code, call.name, err, code)
+			}
+			if gitlab.Cacheable(err) {
+				t.Errorf("%d %s: a redirect is cached", code, call.name)
+			}
+			for _, want := range []string{other.URL + call.path, "gitlab.address", "https://"} {
+				if !strings.Contains(err.Error(), want) {
+					t.Errorf("%d %s: %q does not mention %q", code, call.name, err, want)
+				}
+			}
+		}
+	}
+	if n := elsewhere.Load(); n != 0 {
+		t.Fatalf("the redirect target got %d requests, want none", n)
+	}
+	if !strings.Contains(logs.String(), `"location":"`+other.URL) {
+		t.Errorf("the log does not name the Location:\n%s", logs.String())
+	}
+	for _, secret := range []string{agentToken, userKey, jobToken} {
+		if strings.Contains(logs.String(), secret) {
+			t.Errorf("the log holds a credential")
+		}
+	}
+}
+
+// syncBuffer is a bytes.Buffer safe for a logger's concurrent writes.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
 }
 
 func TestContract(t *testing.T) {
@@ -207,7 +338,7 @@ func TestContract(t *testing.T) {
 	}{
 		{
 			name:   "agent info",
-			do:     func(ctx context.Context) (any, error) { return c.GetAgentInfo(ctx, agentToken) },
+			do:     func(ctx context.Context) (any, error) { return agentInfoAnswer(c.GetAgentInfo(ctx, agentToken)) },
 			want:   agentInfo,
 			method: "GET", path: "/api/v4/internal/agents/agentk/agent_info",
 			header: map[string]string{"Authorization": "Bearer " + agentToken},
@@ -665,5 +796,95 @@ func TestNewClientValidates(t *testing.T) {
 		if err != nil && strings.Contains(err.Error(), "hunter2") {
 			t.Errorf("%s: error shows the password: %v", tt.name, err)
 		}
+	}
+}
+
+// TestContractErrors: a 2xx answer without the fields the contract
+// requires is refused as a contract error, not used, not cached.
+func TestContractErrors(t *testing.T) {
+	tests := []struct {
+		name, path, body, want string
+		ask                    func(c *gitlab.Client) error
+	}{
+		{"agent_info without agent_id", gitlab.PathAgentInfo,
+			`{"project_id":20,"agent_name":"prod","default_branch":"main"}`, "agent_id is missing",
+			func(c *gitlab.Client) error { _, err := c.GetAgentInfo(context.Background(), agentToken); return err }},
+		{"agent_info with agent_id 0 and no project", gitlab.PathAgentInfo,
+			`{"agent_id":0,"agent_name":"prod","default_branch":"main"}`, "agent_id is missing or not positive; project_id",
+			func(c *gitlab.Client) error { _, err := c.GetAgentInfo(context.Background(), agentToken); return err }},
+		{"agent_info without name and branch", gitlab.PathAgentInfo,
+			`{"agent_id":7,"project_id":20}`, "agent_name is missing; default_branch is missing",
+			func(c *gitlab.Client) error { _, err := c.GetAgentInfo(context.Background(), agentToken); return err }},
+		{"agent_info not JSON", gitlab.PathAgentInfo, `<html>`, "not the expected JSON",
+			func(c *gitlab.Client) error { _, err := c.GetAgentInfo(context.Background(), agentToken); return err }},
+		{"authorize_proxy_user without user", gitlab.PathAuthorizeProxyUser,
+			`{"agent":{"id":7,"config_project":{"id":20}},"access_as":{"agent":{}}}`, "user.id is missing",
+			func(c *gitlab.Client) error {
+				_, err := c.AuthorizeProxyUser(context.Background(), gitlab.AuthorizeProxyUserRequest{AgentID: 7, AccessType: gitlab.AccessTypePersonalAccessToken, AccessKey: userKey})
+				return err
+			}},
+		{"authorize_proxy_user with both access_as", gitlab.PathAuthorizeProxyUser,
+			`{"agent":{"id":7,"config_project":{"id":20}},"user":{"id":1,"username":"root"},"access_as":{"agent":{},"user":{}}}`, "exactly one of agent and user",
+			func(c *gitlab.Client) error {
+				_, err := c.AuthorizeProxyUser(context.Background(), gitlab.AuthorizeProxyUserRequest{AgentID: 7, AccessType: gitlab.AccessTypePersonalAccessToken, AccessKey: userKey})
+				return err
+			}},
+		{"authorize_proxy_user without agent", gitlab.PathAuthorizeProxyUser,
+			`{"user":{"id":1,"username":"root"},"access_as":{"agent":{}}}`, "agent.id is missing",
+			func(c *gitlab.Client) error {
+				_, err := c.AuthorizeProxyUser(context.Background(), gitlab.AuthorizeProxyUserRequest{AgentID: 7, AccessType: gitlab.AccessTypePersonalAccessToken, AccessKey: userKey})
+				return err
+			}},
+		{"allowed_agents without job", gitlab.PathAllowedAgents,
+			`{"allowed_agents":[{"id":7,"config_project":{"id":20}}],"pipeline":{"id":98},"project":{"id":21},"user":{"id":1,"username":"root"}}`, "job.id is missing",
+			func(c *gitlab.Client) error {
+				_, err := c.GetAllowedAgentsForJob(context.Background(), jobToken)
+				return err
+			}},
+		{"allowed_agents with an agent without id", gitlab.PathAllowedAgents,
+			`{"allowed_agents":[{"config_project":{"id":20}}],"job":{"id":99},"pipeline":{"id":98},"project":{"id":21},"user":{"id":1,"username":"root"}}`, "allowed_agents[0].id",
+			func(c *gitlab.Client) error {
+				_, err := c.GetAllowedAgentsForJob(context.Background(), jobToken)
+				return err
+			}},
+		{"allowed_agents with an empty environment", gitlab.PathAllowedAgents,
+			`{"allowed_agents":[],"job":{"id":99},"pipeline":{"id":98},"project":{"id":21},"user":{"id":1,"username":"root"},"environment":{}}`, "environment",
+			func(c *gitlab.Client) error {
+				_, err := c.GetAllowedAgentsForJob(context.Background(), jobToken)
+				return err
+			}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var calls atomic.Int32
+			rails := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				calls.Add(1)
+				if r.URL.Path != tt.path {
+					http.NotFound(w, r)
+					return
+				}
+				w.Header().Set("Content-Type", "application/json")
+				_, _ = w.Write([]byte(tt.body))
+			}))
+			t.Cleanup(rails.Close)
+			var logs syncBuffer
+			c := newClient(t, rails.URL, func(o *gitlab.ClientOptions) { o.Logger = slog.New(slog.NewJSONHandler(&logs, nil)) })
+			for range 2 {
+				err := tt.ask(c)
+				var ge *gitlab.Error
+				if !errors.As(err, &ge) || !errors.Is(err, gitlab.ErrContract) || !strings.Contains(err.Error(), tt.want) {
+					t.Fatalf("err = %v, want a contract error mentioning %q", err, tt.want)
+				}
+				if gitlab.Cacheable(err) {
+					t.Fatal("a contract error is cacheable")
+				}
+			}
+			if n := calls.Load(); n != 2 {
+				t.Errorf("GitLab asked %d times, want 2 (a contract error is not cached)", n)
+			}
+			if !strings.Contains(logs.String(), "GitLab contract error") {
+				t.Errorf("not logged as a contract error:\n%s", logs.String())
+			}
+		})
 	}
 }

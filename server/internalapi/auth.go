@@ -14,6 +14,7 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
+	"github.com/kasproject/kas/internal/healthreflection"
 	"github.com/kasproject/kas/server/kasjwt"
 )
 
@@ -34,12 +35,16 @@ var (
 const healthMethodPrefix = "/grpc.health.v1.Health/"
 
 // authenticator checks the JWT GitLab Rails sends: HS256 with the API
-// secret, audience gitlab-kas. Rails sets the issuer to its own host name,
-// which kas does not know, so the issuer is not checked. Tokens for the
+// secret, audience gitlab-kas, valid for at most kasjwt.MaxAPILifetime (Rails
+// sends a minute). Rails sets the issuer to its own host name, which kas
+// does not know, so the issuer is not checked. Tokens for the
 // private API fail: they are signed with the private API secret and
 // addressed to another audience.
 type authenticator struct {
 	secret []byte
+	// healthReflection describes the health service to callers without a
+	// token, so grpcurl can call it as probes do.
+	healthReflection *healthreflection.Reflection
 }
 
 // authenticate checks an authorization value ("Bearer <JWT>"; the scheme
@@ -55,7 +60,7 @@ func (a authenticator) authenticate(authorization string) error {
 	if !ok || !strings.EqualFold(scheme, "bearer") {
 		return errNotBearer
 	}
-	if err := kasjwt.Verify(a.secret, strings.TrimSpace(token), kasjwt.AudienceKAS, ""); err != nil {
+	if err := kasjwt.Verify(a.secret, strings.TrimSpace(token), kasjwt.AudienceKAS, "", kasjwt.MaxLifetime(kasjwt.MaxAPILifetime)); err != nil {
 		return fmt.Errorf("invalid API token: %w", err)
 	}
 	return nil
@@ -84,6 +89,9 @@ func (a authenticator) unary(ctx context.Context, req any, info *grpc.UnaryServe
 }
 
 func (a authenticator) stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+	if served, err := a.healthReflection.Serve(ss, info.FullMethod); served {
+		return err
+	}
 	if err := a.authenticateRPC(ss.Context(), info.FullMethod); err != nil {
 		return err
 	}

@@ -27,6 +27,7 @@ import (
 	"google.golang.org/grpc/reflection"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/kasproject/kas/internal/healthreflection"
 	"github.com/kasproject/kas/middleware"
 	"github.com/kasproject/kas/registry"
 	"github.com/kasproject/kas/routes"
@@ -162,7 +163,7 @@ func NewHandler(opts Options) (*Handler, error) {
 		log = slog.New(slog.DiscardHandler)
 	}
 
-	auth := authenticator{secret: opts.Secret}
+	auth := authenticator{secret: opts.Secret, healthReflection: healthreflection.New()}
 	calls := callLogger{log: log}
 	h := &Handler{
 		grpc: grpc.NewServer(

@@ -26,8 +26,10 @@ import (
 	reflectionpb "google.golang.org/grpc/reflection/grpc_reflection_v1"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protoreflect"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/kasproject/kas/internal/reflectclient"
 	"github.com/kasproject/kas/middleware"
 	"github.com/kasproject/kas/registry"
 	"github.com/kasproject/kas/server/internalapi/gitlabpb"
@@ -199,6 +201,22 @@ func expiredToken(t *testing.T) string {
 	return tok
 }
 
+// longLivedToken is signed correctly but valid for ten years.
+func longLivedToken(t *testing.T) string {
+	t.Helper()
+	now := time.Now()
+	tok, err := jwt.NewWithClaims(jwt.SigningMethodHS256, jwt.RegisteredClaims{
+		Issuer:    "gitlab.example.com",
+		Audience:  jwt.ClaimStrings{kasjwt.AudienceKAS},
+		IssuedAt:  jwt.NewNumericDate(now),
+		ExpiresAt: jwt.NewNumericDate(now.Add(10 * 365 * 24 * time.Hour)),
+	}).SignedString(apiSecret)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tok
+}
+
 func withToken(ctx context.Context, tok string) context.Context {
 	return metadata.AppendToOutgoingContext(ctx, "authorization", "bearer "+tok)
 }
@@ -253,9 +271,12 @@ func TestGRPCMethods(t *testing.T) {
 	}, {
 		name:   "agents by agent IDs under newer GitLab's name",
 		method: agentksByAgentIDs,
-		req:    &gitlabpb.GetConnectedAgentsByAgentIDsRequest{AgentIds: []int64{2}},
-		out:    &gitlabpb.GetConnectedAgentsByAgentIDsResponse{},
-		want:   &gitlabpb.GetConnectedAgentsByAgentIDsResponse{Agents: []*gitlabpb.ConnectedAgentInfo{agent2}},
+		req:    &gitlabpb.GetConnectedAgentksByAgentIDsRequest{AgentIds: []int64{2}},
+		out:    &gitlabpb.GetConnectedAgentksByAgentIDsResponse{},
+		want: &gitlabpb.GetConnectedAgentksByAgentIDsResponse{Agents: []*gitlabpb.ConnectedAgentk{{
+			AgentMeta: agent2.AgentMeta, ConnectedAt: agent2.ConnectedAt,
+			ConnectionId: agent2.ConnectionId, AgentId: agent2.AgentId, ProjectId: agent2.ProjectId,
+		}}},
 	}, {
 		name:   "agents by project IDs",
 		method: byProjectIDs,
@@ -355,6 +376,7 @@ func TestAuthentication(t *testing.T) {
 		{"not bearer", "Basic dXNlcjpwYXNz", `must be "bearer <JWT>"`},
 		{"garbage", "bearer not-a-jwt", "token is malformed"},
 		{"expired", "bearer " + expiredToken(t), "token has expired"},
+		{"valid for years", "bearer " + longLivedToken(t), "token is valid for too long"},
 		{"wrong audience", "bearer " + token(t, apiSecret, "gitlab.example.com", kasjwt.AudienceGitLab), "wrong audience"},
 		{"signed with the private API secret", "bearer " + token(t, privateAPISecret, kasjwt.IssuerPrivateAPI, kasjwt.AudiencePrivateAPI), "signature is invalid"},
 		{"private API token with the API secret", "bearer " + token(t, apiSecret, kasjwt.IssuerPrivateAPI, kasjwt.AudiencePrivateAPI), "wrong audience"},
@@ -382,15 +404,104 @@ func TestAuthentication(t *testing.T) {
 			t.Fatal(err)
 		}
 	})
-	t.Run("streams need a token too", func(t *testing.T) {
-		stream, err := reflectionpb.NewServerReflectionClient(conn).ServerReflectionInfo(callCtx(t))
-		if err == nil {
-			_, err = listServices(stream)
+	t.Run("reflection without a token describes the health service only", func(t *testing.T) {
+		services, err := reflectclient.New(conn).ListServices(callCtx(t))
+		if err != nil || !slices.Equal(services, []string{"grpc.health.v1.Health"}) {
+			t.Fatalf("reflection without a token lists %v (%v), want the health service alone", services, err)
 		}
-		if status.Code(err) != codes.Unauthenticated {
-			t.Fatalf("reflection without a token: %v, want Unauthenticated", err)
+		if _, err := reflectclient.New(conn).Describe(callCtx(t), "gitlab.agent.server_info.rpc.ServerInfo"); err == nil {
+			t.Fatal("reflection without a token describes the ServerInfo service")
 		}
 	})
+	t.Run("reflection with a bad token is refused", func(t *testing.T) {
+		_, err := reflectclient.New(conn, "authorization", "bearer "+expiredToken(t)).ListServices(callCtx(t))
+		if status.Code(err) != codes.Unauthenticated {
+			t.Fatalf("reflection with an expired token: %v, want Unauthenticated", err)
+		}
+	})
+}
+
+// TestReadmeGRPCurlCommands runs the README's grpcurl commands with a
+// reflection client that, like grpcurl, learns every method from the
+// server's reflection service before calling it.
+func TestReadmeGRPCurlCommands(t *testing.T) {
+	conn := dial(t, serve(t, testOptions(t, make(chan push, 1))))
+	withToken := reflectclient.New(conn, "authorization", "bearer "+goodToken(t))
+
+	// grpcurl -plaintext -H "authorization: bearer $TOKEN" 127.0.0.1:8153 list
+	services, err := withToken.ListServices(callCtx(t))
+	if err != nil || !slices.Contains(services, "gitlab.agent.server_info.rpc.ServerInfo") {
+		t.Fatalf("list: %v, %v", services, err)
+	}
+	// grpcurl … gitlab.agent.server_info.rpc.ServerInfo/GetServerInfo
+	out, err := withToken.Invoke(callCtx(t), "gitlab.agent.server_info.rpc.ServerInfo/GetServerInfo", "")
+	if err != nil || !strings.Contains(out, `"version":"v18.1.0"`) {
+		t.Fatalf("GetServerInfo: %s, %v", out, err)
+	}
+	// grpcurl … -d '{"agent_ids": [1]}' … AgentTracker/GetConnectedAgentsByAgentIDs
+	out, err = withToken.Invoke(callCtx(t), "gitlab.agent.agent_tracker.rpc.AgentTracker/GetConnectedAgentsByAgentIDs", `{"agent_ids": [1]}`)
+	if err != nil || !strings.Contains(out, `"connectionId":"101"`) {
+		t.Fatalf("GetConnectedAgentsByAgentIDs: %s, %v", out, err)
+	}
+	// grpcurl -plaintext 127.0.0.1:8153 grpc.health.v1.Health/Check (no token)
+	out, err = reflectclient.New(conn).Invoke(callCtx(t), "grpc.health.v1.Health/Check", "")
+	if err != nil || out != `{"status":"SERVING"}` {
+		t.Fatalf("health check without a token: %s, %v", out, err)
+	}
+}
+
+// TestReflectionShowsGitLabMessageNames: a reflection client (grpcurl
+// describe) sees GitLab's fully-qualified message names.
+func TestReflectionShowsGitLabMessageNames(t *testing.T) {
+	conn := dial(t, serve(t, testOptions(t, make(chan push, 1))))
+	c := reflectclient.New(conn, "authorization", "bearer "+goodToken(t))
+	method := func(service, name string) protoreflect.MethodDescriptor {
+		t.Helper()
+		d, err := c.Describe(callCtx(t), service)
+		if err != nil {
+			t.Fatalf("describe %s: %v", service, err)
+		}
+		m := d.(protoreflect.ServiceDescriptor).Methods().ByName(protoreflect.Name(name))
+		if m == nil {
+			t.Fatalf("%s has no method %s", service, name)
+		}
+		return m
+	}
+	fieldType := func(m protoreflect.MessageDescriptor, field string) string {
+		t.Helper()
+		f := m.Fields().ByName(protoreflect.Name(field))
+		if f == nil || f.Message() == nil {
+			t.Fatalf("%s has no message field %s", m.FullName(), field)
+		}
+		return string(f.Message().FullName())
+	}
+	info := method("gitlab.agent.server_info.rpc.ServerInfo", "GetServerInfo")
+	if got := fieldType(info.Output(), "current_server_info"); got != "gitlab.agent.server_info.ServerInfo" {
+		t.Errorf("current_server_info is a %s, want gitlab.agent.server_info.ServerInfo", got)
+	}
+	tracker := "gitlab.agent.agent_tracker.rpc.AgentTracker"
+	for _, tc := range []struct{ method, in, out, element string }{
+		{"GetConnectedAgentksByAgentIDs", "GetConnectedAgentksByAgentIDsRequest", "GetConnectedAgentksByAgentIDsResponse", "gitlab.agent.agent_tracker.rpc.ConnectedAgentk"},
+		{"GetConnectedAgentsByAgentIDs", "GetConnectedAgentsByAgentIDsRequest", "GetConnectedAgentsByAgentIDsResponse", "gitlab.agent.agent_tracker.ConnectedAgentInfo"},
+		{"GetConnectedAgentsByProjectIDs", "GetConnectedAgentsByProjectIDsRequest", "GetConnectedAgentsByProjectIDsResponse", "gitlab.agent.agent_tracker.ConnectedAgentInfo"},
+	} {
+		m := method(tracker, tc.method)
+		if in, out := string(m.Input().FullName()), string(m.Output().FullName()); in != "gitlab.agent.agent_tracker.rpc."+tc.in || out != "gitlab.agent.agent_tracker.rpc."+tc.out {
+			t.Errorf("%s takes %s and returns %s, want gitlab.agent.agent_tracker.rpc.%s and .%s", tc.method, in, out, tc.in, tc.out)
+		}
+		if got := fieldType(m.Output(), "agents"); got != tc.element {
+			t.Errorf("%s lists %s, want %s", tc.method, got, tc.element)
+		}
+	}
+	for _, tc := range []struct{ service, method, in, out string }{
+		{"gitlab.agent.notifications.rpc.Notifications", "GitPushEvent", "gitlab.agent.notifications.rpc.GitPushEventRequest", "gitlab.agent.notifications.rpc.GitPushEventResponse"},
+		{"gitlab.agent.configuration_project.rpc.ConfigurationProject", "ListAgentConfigFiles", "gitlab.agent.configuration_project.rpc.ListAgentConfigFilesRequest", "gitlab.agent.configuration_project.rpc.ListAgentConfigFilesResponse"},
+	} {
+		m := method(tc.service, tc.method)
+		if string(m.Input().FullName()) != tc.in || string(m.Output().FullName()) != tc.out {
+			t.Errorf("%s: %s -> %s, want %s -> %s", tc.method, m.Input().FullName(), m.Output().FullName(), tc.in, tc.out)
+		}
+	}
 }
 
 func TestNoSecretRefusesEverything(t *testing.T) {

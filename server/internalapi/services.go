@@ -52,8 +52,24 @@ func (s *agentTrackerService) GetConnectedAgentsByAgentIDs(ctx context.Context, 
 	return &gitlabpb.GetConnectedAgentsByAgentIDsResponse{Agents: agents}, nil
 }
 
-func (s *agentTrackerService) GetConnectedAgentksByAgentIDs(ctx context.Context, req *gitlabpb.GetConnectedAgentsByAgentIDsRequest) (*gitlabpb.GetConnectedAgentsByAgentIDsResponse, error) {
-	return s.GetConnectedAgentsByAgentIDs(ctx, req)
+// GetConnectedAgentksByAgentIDs is GetConnectedAgentsByAgentIDs under newer
+// GitLab's names; the elements carry the same fields.
+func (s *agentTrackerService) GetConnectedAgentksByAgentIDs(ctx context.Context, req *gitlabpb.GetConnectedAgentksByAgentIDsRequest) (*gitlabpb.GetConnectedAgentksByAgentIDsResponse, error) {
+	agents, err := s.byAgentIDs(ctx, req.GetAgentIds())
+	if err != nil {
+		return nil, err
+	}
+	resp := &gitlabpb.GetConnectedAgentksByAgentIDsResponse{Agents: make([]*gitlabpb.ConnectedAgentk, len(agents))}
+	for i, a := range agents {
+		resp.Agents[i] = &gitlabpb.ConnectedAgentk{
+			AgentMeta:    a.AgentMeta,
+			ConnectedAt:  a.ConnectedAt,
+			ConnectionId: a.ConnectionId,
+			AgentId:      a.AgentId,
+			ProjectId:    a.ProjectId,
+		}
+	}
+	return resp, nil
 }
 
 func (s *agentTrackerService) GetConnectedAgentsByProjectIDs(ctx context.Context, req *gitlabpb.GetConnectedAgentsByProjectIDsRequest) (*gitlabpb.GetConnectedAgentsByProjectIDsResponse, error) {

@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/http/httputil"
+	"net/textproto"
 	"path"
 	"strings"
 	"sync"
@@ -81,8 +82,9 @@ type route struct {
 func NewHandler(opts Options) *Handler {
 	h := &Handler{opts: opts}
 	h.proxy = &httputil.ReverseProxy{
-		Rewrite:   h.rewrite,
-		Transport: roundTripperFunc(viaRoute),
+		Rewrite:        h.rewrite,
+		ModifyResponse: modifyResponse,
+		Transport:      roundTripperFunc(viaRoute),
 		// No FlushInterval: ReverseProxy flushes every chunk of an answer of
 		// unknown length (watches, logs -f) as it arrives anyway, and an
 		// answer of known length is better written as its buffers fill.
@@ -120,6 +122,13 @@ func (p *bufferPool) Put(b []byte) {
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	ctx := r.Context()
 	log := h.opts.Logger.With("correlation_id", correlation.FromContext(ctx))
+	if err := protocol.CheckPath(r.URL); err != nil {
+		// Refused before any authentication work: nothing is asked of
+		// GitLab for a request kas will not forward anyway.
+		log.Info("Kubernetes API proxy request refused", "status", http.StatusBadRequest, "error", err.Error())
+		kubestatus.Write(w, http.StatusBadRequest, kubestatus.ReasonBadRequest, err.Error())
+		return
+	}
 	if strings.HasPrefix(path.Clean(r.URL.Path)+"/", protocol.InternalPathPrefix) {
 		// agentk's own endpoints are for kas alone, never for proxy callers.
 		kubestatus.Write(w, http.StatusNotFound, kubestatus.ReasonNotFound, "the server could not find the requested resource")
@@ -245,6 +254,47 @@ func (h *Handler) rewrite(pr *httputil.ProxyRequest) {
 	if rt.identity != "" {
 		out.Header.Set(protocol.HeaderIdentity, rt.identity)
 	}
+	// The audit log's sourceIPs start with X-Forwarded-For: the address kas
+	// saw the caller connect from (after agent.trusted_proxies), never one
+	// the caller wrote (StripCredentials removed those).
+	if addr := middleware.ClientAddressOf(pr.In); addr != "" {
+		out.Header.Set(protocol.HeaderForwardedFor, addr)
+	}
+}
+
+// modifyResponse makes the answer look like the API server's own: no
+// tunnel protocol header (Kas-*) leaves kas, and a 101 is framed for the
+// caller's HTTP/1.x connection, as the API server frames it: the caller's
+// protocol version (the tunnel's answer says HTTP/2.0, which HTTP/1.1 has
+// no 101 for), one "Connection: Upgrade", and neither "Connection: close"
+// (which http.Response.Write adds to a response of unknown length) nor
+// "Content-Length: 0" (which it adds to an empty answer to a POST, such as
+// an exec): a 101 has no content (RFC 9110 §15.2.2).
+func modifyResponse(resp *http.Response) error {
+	for k := range resp.Header {
+		if strings.HasPrefix(textproto.CanonicalMIMEHeaderKey(k), "Kas-") {
+			delete(resp.Header, k)
+		}
+	}
+	if resp.StatusCode != http.StatusSwitchingProtocols {
+		return nil
+	}
+	resp.Proto, resp.ProtoMajor, resp.ProtoMinor = "HTTP/1.1", 1, 1
+	if req := resp.Request; req != nil && req.ProtoMajor == 1 {
+		resp.Proto, resp.ProtoMinor = req.Proto, req.ProtoMinor
+	}
+	resp.Header.Del("Connection")
+	resp.Header.Set("Connection", "Upgrade")
+	resp.ContentLength = 0
+	resp.Close = false
+	if req := resp.Request; req != nil && req.Method != http.MethodGet {
+		// Response.Write takes the method from Request to decide on
+		// Content-Length; ReverseProxy splices with its own request.
+		get := req.WithContext(req.Context())
+		get.Method = http.MethodGet
+		resp.Request = get
+	}
+	return nil
 }
 
 func viaRoute(req *http.Request) (*http.Response, error) {

@@ -29,6 +29,14 @@ func (f fixedAuth) Authenticate(context.Context, *http.Request) (*proxyauth.Resu
 	return f.res, f.err
 }
 
+// noAuth fails every request, so a case proves it never got as far as
+// authentication.
+type noAuth struct{}
+
+func (noAuth) Authenticate(context.Context, *http.Request) (*proxyauth.Result, error) {
+	return nil, errors.New("authentication must not be attempted")
+}
+
 // recordingRouter routes to a RoundTripper that records what it was sent.
 type recordingRouter struct {
 	err  error
@@ -58,7 +66,7 @@ func TestHandler(t *testing.T) {
 		name        string
 		path        string
 		header      http.Header
-		auth        fixedAuth
+		auth        Authenticator
 		routeErr    error
 		rt          func(*http.Request) (*http.Response, error)
 		wantCode    int
@@ -134,10 +142,24 @@ func TestHandler(t *testing.T) {
 		},
 		{
 			name:       "agentk's own endpoints are not reachable",
-			path:       "/x/../-/agentk/configuration",
+			path:       "/-/agentk/configuration",
 			auth:       fixedAuth{res: &proxyauth.Result{AgentID: 1}},
 			wantCode:   404,
 			wantReason: kubestatus.ReasonNotFound,
+		},
+		{
+			name:       "dot segments are refused before authentication",
+			path:       "/x/../-/agentk/configuration",
+			auth:       noAuth{},
+			wantCode:   400,
+			wantReason: kubestatus.ReasonBadRequest,
+		},
+		{
+			name:       "encoded dots are refused before authentication",
+			path:       "/api/%2e%2e/%2E%2E/escape",
+			auth:       noAuth{},
+			wantCode:   400,
+			wantReason: kubestatus.ReasonBadRequest,
 		},
 	}
 	for _, tc := range tests {
@@ -165,7 +187,9 @@ func TestHandler(t *testing.T) {
 					t.Errorf("header %s = %q, want %q", k, got, v)
 				}
 			}
-			checkTraffic(t, rec, tc.auth.res != nil && tc.wantCode != 404, tc.wantFailure)
+			fa, authorized := tc.auth.(fixedAuth)
+			authorized = authorized && fa.res != nil
+			checkTraffic(t, rec, authorized && tc.wantCode != 404, tc.wantFailure)
 			if tc.wantReason != "" {
 				var st kubestatus.Status
 				if err := json.Unmarshal(w.Body.Bytes(), &st); err != nil || st.Kind != "Status" || st.Reason != tc.wantReason || st.Code != tc.wantCode {
@@ -192,6 +216,41 @@ func TestHandler(t *testing.T) {
 				t.Errorf("path %q, want %q", out.URL.Path, tc.path)
 			}
 		})
+	}
+}
+
+// TestUpgradeResponseFraming: what ReverseProxy writes to an HTTP/1.1
+// caller for a 101 that came through the tunnel (an HTTP/2.0 response of
+// unknown length) is the API server's framing.
+func TestUpgradeResponseFraming(t *testing.T) {
+	for _, method := range []string{http.MethodGet, http.MethodPost} {
+		req := httptest.NewRequest(method, "http://kas/api/v1/namespaces/default/pods/p/exec", nil)
+		resp := &http.Response{
+			StatusCode: http.StatusSwitchingProtocols, Status: "101 Switching Protocols",
+			Proto: "HTTP/2.0", ProtoMajor: 2, ContentLength: -1, Request: req,
+			Header: http.Header{
+				"Connection":                {"Upgrade"},
+				"Upgrade":                   {"SPDY/3.1"},
+				"X-Stream-Protocol-Version": {"v4.channel.k8s.io"},
+				protocol.HeaderUpgrade:      {"SPDY/3.1"},
+				"Kas-Anything":              {"x"},
+			},
+		}
+		if err := modifyResponse(resp); err != nil {
+			t.Fatal(err)
+		}
+		resp.Body = nil // as ReverseProxy does before writing the head
+		var b strings.Builder
+		if err := resp.Write(&b); err != nil {
+			t.Fatal(err)
+		}
+		want := "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: v4.channel.k8s.io\r\n\r\n"
+		if b.String() != want {
+			t.Errorf("%s: wrote %q, want %q", method, b.String(), want)
+		}
+		if req.Method != method {
+			t.Errorf("the caller's request became a %s", req.Method)
+		}
 	}
 }
 

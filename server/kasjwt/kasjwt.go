@@ -38,6 +38,18 @@ const (
 // Leeway is the clock skew tolerated when checking exp, nbf and iat.
 const Leeway = 5 * time.Second
 
+// NotBeforeSkew is how far before its issue time a token Sign mints is
+// already valid (nbf = iat − NotBeforeSkew), as GitLab's own KAS does: Rails
+// checks nbf with no leeway, so a token whose nbf is "now" is refused by a
+// Rails whose clock is a few hundred milliseconds behind kas's.
+const NotBeforeSkew = 5 * time.Second
+
+// MaxAPILifetime bounds the lifetime of the tokens kas's internal and private
+// APIs accept (see MaxLifetime). GitLab Rails sends tokens valid for a
+// minute and kas's nodes for a minute; a token valid for longer is a
+// credential someone could keep and replay.
+const MaxAPILifetime = 5 * time.Minute
+
 // algorithm is the only signing algorithm kas signs with or accepts.
 const algorithm = "HS256"
 
@@ -51,11 +63,12 @@ var (
 	ErrAudience     = errors.New("token has the wrong audience")
 	ErrIssuer       = errors.New("token has the wrong issuer")
 	ErrMissingClaim = errors.New("token lacks a required claim")
+	ErrLifetime     = errors.New("token is valid for too long")
 	ErrInvalid      = errors.New("token is invalid")
 )
 
-// Sign mints an HS256 token from issuer to audience valid for ttl, with
-// iat, nbf, exp and a random jti.
+// Sign mints an HS256 token from issuer to audience valid for ttl from now,
+// with iat (now), nbf (NotBeforeSkew before now), exp and a random jti.
 func Sign(secret []byte, issuer, audience string, ttl time.Duration) (string, error) {
 	if len(secret) == 0 {
 		return "", errors.New("sign JWT: empty secret")
@@ -71,7 +84,7 @@ func Sign(secret []byte, issuer, audience string, ttl time.Duration) (string, er
 		Issuer:    issuer,
 		Audience:  jwt.ClaimStrings{audience},
 		IssuedAt:  jwt.NewNumericDate(now),
-		NotBefore: jwt.NewNumericDate(now),
+		NotBefore: jwt.NewNumericDate(now.Add(-NotBeforeSkew)),
 		ExpiresAt: jwt.NewNumericDate(now.Add(ttl)),
 		ID:        randomID(),
 	}
@@ -82,11 +95,29 @@ func Sign(secret []byte, issuer, audience string, ttl time.Duration) (string, er
 	return token, nil
 }
 
+// VerifyOption adds a check to Verify.
+type VerifyOption func(*verifyOptions)
+
+type verifyOptions struct {
+	maxLifetime time.Duration
+}
+
+// MaxLifetime refuses a token valid for longer than d: exp − iat, or
+// exp − now for a token without iat.
+func MaxLifetime(d time.Duration) VerifyOption {
+	return func(o *verifyOptions) { o.maxLifetime = d }
+}
+
 // Verify checks that token is an HS256 token signed with secret, addressed
 // to audience, unexpired, already valid and, unless issuer is "", from
-// issuer. Tokens without exp or aud are refused. The error wraps one of the
-// Err* reasons and never contains the token itself.
-func Verify(secret []byte, token, audience, issuer string) error {
+// issuer, plus the checks opts add. Tokens without exp or aud are refused.
+// The error wraps one of the Err* reasons and never contains the token
+// itself.
+func Verify(secret []byte, token, audience, issuer string, opts ...VerifyOption) error {
+	var o verifyOptions
+	for _, opt := range opts {
+		opt(&o)
+	}
 	if len(secret) == 0 {
 		return errors.New("verify JWT: empty secret")
 	}
@@ -96,7 +127,7 @@ func Verify(secret []byte, token, audience, issuer string) error {
 	if token == "" {
 		return fmt.Errorf("verify JWT: %w: empty", ErrMalformed)
 	}
-	opts := []jwt.ParserOption{
+	parserOpts := []jwt.ParserOption{
 		jwt.WithValidMethods([]string{algorithm}),
 		jwt.WithAudience(audience),
 		jwt.WithExpirationRequired(),
@@ -104,7 +135,7 @@ func Verify(secret []byte, token, audience, issuer string) error {
 		jwt.WithLeeway(Leeway),
 	}
 	if issuer != "" {
-		opts = append(opts, jwt.WithIssuer(issuer))
+		parserOpts = append(parserOpts, jwt.WithIssuer(issuer))
 	}
 	var claims jwt.RegisteredClaims
 	parsed, err := jwt.ParseWithClaims(token, &claims, func(t *jwt.Token) (any, error) {
@@ -115,11 +146,30 @@ func Verify(secret []byte, token, audience, issuer string) error {
 			return nil, ErrAlgorithm
 		}
 		return secret, nil
-	}, opts...)
-	if err == nil {
-		return nil
+	}, parserOpts...)
+	if err != nil {
+		return fmt.Errorf("verify JWT: %w", classify(err, parsed, &claims, audience, issuer))
 	}
-	return fmt.Errorf("verify JWT: %w", classify(err, parsed, &claims, audience, issuer))
+	if o.maxLifetime > 0 {
+		if err := checkLifetime(&claims, o.maxLifetime, time.Now()); err != nil {
+			return fmt.Errorf("verify JWT: %w", err)
+		}
+	}
+	return nil
+}
+
+// checkLifetime refuses claims valid for longer than maxLifetime, counted
+// from iat or, without one, from now.
+func checkLifetime(claims *jwt.RegisteredClaims, maxLifetime time.Duration, now time.Time) error {
+	from, what := now, "exp − now"
+	if claims.IssuedAt != nil {
+		from, what = claims.IssuedAt.Time, "exp − iat"
+	}
+	if lifetime := claims.ExpiresAt.Sub(from); lifetime > maxLifetime {
+		return fmt.Errorf("%w: %s is %s, more than the %s allowed; mint a token that expires sooner (kas token --ttl)",
+			ErrLifetime, what, lifetime.Round(time.Second), maxLifetime)
+	}
+	return nil
 }
 
 // classify turns the library's error into one of the Err* reasons with a

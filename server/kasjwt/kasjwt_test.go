@@ -148,6 +148,63 @@ func TestSignClaims(t *testing.T) {
 	}
 }
 
+// TestSignBackdatesNotBefore: Rails checks nbf without leeway, so a token
+// kas mints must already be valid on a Rails whose clock is behind.
+func TestSignBackdatesNotBefore(t *testing.T) {
+	token, err := Sign(secret, IssuerKAS, AudienceGitLab, 30*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var c jwt.RegisteredClaims
+	if _, err := jwt.ParseWithClaims(token, &c, func(*jwt.Token) (any, error) { return secret, nil }); err != nil {
+		t.Fatal(err)
+	}
+	if got := c.IssuedAt.Sub(c.NotBefore.Time); got != NotBeforeSkew {
+		t.Errorf("iat - nbf = %s, want %s", got, NotBeforeSkew)
+	}
+	// A verifier whose clock is 3 s behind, with no leeway (ruby-jwt's
+	// default for nbf), accepts it.
+	behind := jwt.NewParser(jwt.WithTimeFunc(func() time.Time { return time.Now().Add(-3 * time.Second) }))
+	if _, err := behind.ParseWithClaims(token, &jwt.RegisteredClaims{}, func(*jwt.Token) (any, error) { return secret, nil }); err != nil {
+		t.Errorf("a verifier 3 s behind refuses the token: %v", err)
+	}
+}
+
+func TestVerifyMaxLifetime(t *testing.T) {
+	noIAT := func(ttl time.Duration) jwt.RegisteredClaims {
+		c := claimsAt("gitlab.example.com", AudienceKAS, 0, ttl)
+		c.IssuedAt = nil
+		return c
+	}
+	tests := []struct {
+		name    string
+		claims  jwt.RegisteredClaims
+		wantErr bool
+	}{
+		{"a minute, as Rails sends", claimsAt("gitlab.example.com", AudienceKAS, 0, time.Minute), false},
+		{"exactly the bound", claimsAt("gitlab.example.com", AudienceKAS, 0, MaxAPILifetime), false},
+		{"a year", claimsAt("gitlab.example.com", AudienceKAS, 0, 365*24*time.Hour), true},
+		{"issued long ago, expiring soon", claimsAt("gitlab.example.com", AudienceKAS, -MaxAPILifetime, MaxAPILifetime+time.Minute), true},
+		{"no iat, a year left", noIAT(365 * 24 * time.Hour), true},
+		{"no iat, a minute left", noIAT(time.Minute), false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			err := Verify(secret, sign(t, jwt.SigningMethodHS256, secret, tt.claims), AudienceKAS, "", MaxLifetime(MaxAPILifetime))
+			if tt.wantErr != (err != nil) || (err != nil && !errors.Is(err, ErrLifetime)) {
+				t.Fatalf("Verify: %v, want ErrLifetime: %v", err, tt.wantErr)
+			}
+			if err != nil {
+				t.Log(err)
+			}
+		})
+	}
+	// Without the option the lifetime is not checked.
+	if err := Verify(secret, sign(t, jwt.SigningMethodHS256, secret, claimsAt("x", AudienceKAS, 0, 24*time.Hour)), AudienceKAS, ""); err != nil {
+		t.Fatalf("Verify without MaxLifetime: %v", err)
+	}
+}
+
 func TestBadArguments(t *testing.T) {
 	tests := []struct {
 		name string

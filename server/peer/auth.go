@@ -124,7 +124,7 @@ func (v *verifier) verify(token string) error {
 	if ok && now.Before(exp) {
 		return nil
 	}
-	if err := kasjwt.Verify(v.secret, token, kasjwt.AudiencePrivateAPI, kasjwt.IssuerPrivateAPI); err != nil {
+	if err := kasjwt.Verify(v.secret, token, kasjwt.AudiencePrivateAPI, kasjwt.IssuerPrivateAPI, kasjwt.MaxLifetime(kasjwt.MaxAPILifetime)); err != nil {
 		return err
 	}
 	// The token is valid; read its expiry (Verify requires exp) to know how

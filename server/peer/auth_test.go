@@ -18,6 +18,7 @@ import (
 	reflectionpb "google.golang.org/grpc/reflection/grpc_reflection_v1"
 	"google.golang.org/grpc/status"
 
+	"github.com/kasproject/kas/internal/reflectclient"
 	"github.com/kasproject/kas/registry"
 	"github.com/kasproject/kas/server/kasjwt"
 	"github.com/kasproject/kas/server/peer/peerpb"
@@ -38,6 +39,17 @@ func dialPlain(t *testing.T, n *node) *grpc.ClientConn {
 func signToken(t *testing.T, secret []byte, issuer, audience string) string {
 	t.Helper()
 	token, err := kasjwt.Sign(secret, issuer, audience, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return token
+}
+
+// dayLongToken is a correct private API token valid for a day, longer than
+// kasjwt.MaxAPILifetime.
+func dayLongToken(t *testing.T) string {
+	t.Helper()
+	token, err := kasjwt.Sign(testSecret, kasjwt.IssuerPrivateAPI, kasjwt.AudiencePrivateAPI, 24*time.Hour)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -76,6 +88,7 @@ func TestServerAuthenticatesCalls(t *testing.T) {
 		{"wrong secret", "Bearer " + signToken(t, otherSecret, kasjwt.IssuerPrivateAPI, kasjwt.AudiencePrivateAPI),
 			codes.Unauthenticated, "signature is invalid"},
 		{"expired", "Bearer " + expiredToken(t), codes.Unauthenticated, "expired"},
+		{"valid for a day", "Bearer " + dayLongToken(t), codes.Unauthenticated, "valid for too long"},
 		{"wrong audience", "Bearer " + signToken(t, testSecret, kasjwt.IssuerPrivateAPI, kasjwt.AudienceKAS),
 			codes.Unauthenticated, "wrong audience"},
 		{"wrong issuer", "Bearer " + signToken(t, testSecret, kasjwt.IssuerKAS, kasjwt.AudiencePrivateAPI),
@@ -185,6 +198,28 @@ func TestHealthAnswersWithoutToken(t *testing.T) {
 	}
 }
 
+// TestGRPCurlHealthCheckWithoutToken: "grpcurl -plaintext host:8155
+// grpc.health.v1.Health/Check" asks reflection for the method before it
+// calls, so reflection describes the health service (and nothing else)
+// without a token.
+func TestGRPCurlHealthCheckWithoutToken(t *testing.T) {
+	b := newNode(t, nodeConfig{})
+	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
+	defer cancel()
+	c := reflectclient.New(dialPlain(t, b))
+	out, err := c.Invoke(ctx, "grpc.health.v1.Health/Check", "")
+	if err != nil || out != `{"status":"SERVING"}` {
+		t.Fatalf("health check through reflection: %s, %v", out, err)
+	}
+	services, err := c.ListServices(ctx)
+	if err != nil || !slices.Equal(services, []string{"grpc.health.v1.Health"}) {
+		t.Fatalf("reflection without a token lists %v (%v), want the health service alone", services, err)
+	}
+	if _, err := c.Describe(ctx, peerpb.Forward_ServiceDesc.ServiceName); err == nil {
+		t.Fatal("reflection without a token describes the Forward service")
+	}
+}
+
 func TestTokenSourceReusesTokenForHalfItsLife(t *testing.T) {
 	ts := newTokenSource(testSecret)
 	now := time.Now()
@@ -248,8 +283,8 @@ func TestReflectionListsServicesToAuthenticatedCallers(t *testing.T) {
 		_ = stream.Send(req) // an error means the stream ended; Recv says why
 		return stream.Recv()
 	}
-	if _, err := list(context.Background()); status.Code(err) != codes.Unauthenticated {
-		t.Fatalf("without a token: %v, want Unauthenticated", err)
+	if _, err := list(metadata.AppendToOutgoingContext(context.Background(), "authorization", "Bearer "+expiredToken(t))); status.Code(err) != codes.Unauthenticated {
+		t.Fatalf("with an expired token: %v, want Unauthenticated", err)
 	}
 	resp, err := list(metadata.AppendToOutgoingContext(context.Background(), "authorization", "Bearer "+token))
 	if err != nil {

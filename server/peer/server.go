@@ -30,6 +30,7 @@ import (
 	"google.golang.org/grpc/reflection"
 	"google.golang.org/grpc/status"
 
+	"github.com/kasproject/kas/internal/healthreflection"
 	"github.com/kasproject/kas/registry"
 	"github.com/kasproject/kas/server/peer/peerpb"
 )
@@ -76,6 +77,10 @@ type Server struct {
 	auth    *verifier
 	buffers *bufferPool
 	results serverResults
+
+	// healthReflection describes the health service to callers without a
+	// token (see internal/healthreflection).
+	healthReflection *healthreflection.Reflection
 }
 
 // serverResults counts forwarded requests this node served, by result.
@@ -114,6 +119,7 @@ func NewServer(opts ServerOptions) (*Server, error) {
 			agentError:      served.WithLabelValues("agent_error"),
 			canceled:        served.WithLabelValues("canceled"),
 		},
+		healthReflection: healthreflection.New(),
 	}
 	serverOpts := []grpc.ServerOption{
 		grpc.ChainUnaryInterceptor(s.authenticateUnary),
@@ -189,6 +195,9 @@ func (s *Server) authenticateUnary(ctx context.Context, req any, info *grpc.Unar
 }
 
 func (s *Server) authenticateStream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+	if served, err := s.healthReflection.Serve(ss, info.FullMethod); served {
+		return err // grpcurl's reflection before a tokenless health check
+	}
 	if err := s.authenticate(ss.Context(), info.FullMethod); err != nil {
 		return err
 	}

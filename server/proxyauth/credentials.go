@@ -4,10 +4,13 @@ import (
 	"net/http"
 	"net/textproto"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 
 	"golang.org/x/net/http/httpguts"
+
+	"github.com/kasproject/kas/protocol"
 )
 
 // What the three ways in carry (GitLab KAS's names).
@@ -21,6 +24,9 @@ const (
 	QueryAgentID = "gitlab-agent-id"
 	// HeaderCSRFToken carries the GitLab page's CSRF token on the browser path.
 	HeaderCSRFToken = "X-Csrf-Token"
+	// QueryCSRFToken carries it where the GitLab UI cannot set a header (a
+	// browser WebSocket, for watches), as GitLab's KAS accepts it.
+	QueryCSRFToken = "gitlab-csrf-token"
 )
 
 // The formats, spelled out in 401 answers so the caller learns what to send.
@@ -28,7 +34,7 @@ const (
 	formatCI     = `"Authorization: Bearer ci:<agent id>:<job token>"`
 	formatPAT    = `"Authorization: Bearer pat:<agent id>:<personal access token>"`
 	formatCookie = "the " + CookieName + " cookie with the " + HeaderAgentID + " header (or the " + QueryAgentID +
-		" query parameter) and the " + HeaderCSRFToken + " header"
+		" query parameter) and the " + HeaderCSRFToken + " header (or the " + QueryCSRFToken + " query parameter)"
 	formatBearer = "the Authorization header must be " + formatCI + " for a CI job or " + formatPAT +
 		" for a personal access token"
 	formatAll = "send " + formatCI + " (CI job), " + formatPAT + " (personal access token) or " +
@@ -110,35 +116,48 @@ func parseSessionCookie(r *http.Request, cookie *http.Cookie) (credentials, erro
 	if err != nil || key == "" || !isVisibleASCII(key) {
 		return credentials{}, unauthorized("the %s cookie is empty or malformed; sign in to GitLab again", CookieName)
 	}
-	fromHeader := r.Header.Values(HeaderAgentID)
-	var fromQuery []string
+	var query url.Values
 	if r.URL != nil {
 		// A malformed pair elsewhere in the query is the API server's business.
-		q, _ := url.ParseQuery(r.URL.RawQuery)
-		fromQuery = q[QueryAgentID]
+		query, _ = url.ParseQuery(r.URL.RawQuery)
 	}
-	var agentID string
-	switch {
-	case len(fromHeader) > 1 || len(fromQuery) > 1:
-		return credentials{}, unauthorized("name the agent once: several %s headers or %s query parameters", HeaderAgentID, QueryAgentID)
-	case len(fromHeader) == 1 && len(fromQuery) == 1 && fromHeader[0] != fromQuery[0]:
-		return credentials{}, unauthorized("the %s header and the %s query parameter name different agents", HeaderAgentID, QueryAgentID)
-	case len(fromHeader) == 1:
-		agentID = fromHeader[0]
-	case len(fromQuery) == 1:
-		agentID = fromQuery[0]
-	default:
+	agentID, err := headerOrQuery(r.Header.Values(HeaderAgentID), query[QueryAgentID], HeaderAgentID, QueryAgentID, "name the agent")
+	if err != nil {
+		return credentials{}, err
+	}
+	if agentID == "" {
 		return credentials{}, unauthorized("a request with the %s cookie must name the agent: send %s", CookieName, formatCookie)
 	}
 	id, ok := parseAgentID(agentID)
 	if !ok {
 		return credentials{}, unauthorized("the agent id in the %s header or %s query parameter must be a positive decimal number without sign or leading zeros", HeaderAgentID, QueryAgentID)
 	}
-	csrf := r.Header.Values(HeaderCSRFToken)
-	if len(csrf) != 1 || csrf[0] == "" || !isVisibleASCII(csrf[0]) {
-		return credentials{}, unauthorized("a request with the %s cookie needs exactly one non-empty %s header", CookieName, HeaderCSRFToken)
+	csrf, err := headerOrQuery(r.Header.Values(HeaderCSRFToken), query[QueryCSRFToken], HeaderCSRFToken, QueryCSRFToken, "send the CSRF token")
+	if err != nil {
+		return credentials{}, err
 	}
-	return credentials{kind: KindSessionCookie, agentID: id, key: key, csrfToken: csrf[0]}, nil
+	if csrf == "" || !isVisibleASCII(csrf) {
+		return credentials{}, unauthorized("a request with the %s cookie needs exactly one non-empty CSRF token, in the %s header or the %s query parameter",
+			CookieName, HeaderCSRFToken, QueryCSRFToken)
+	}
+	return credentials{kind: KindSessionCookie, agentID: id, key: key, csrfToken: csrf}, nil
+}
+
+// headerOrQuery returns the one value given in a header, a query parameter
+// or both (the same value twice), "" for none; what names what must be
+// given once ("name the agent").
+func headerOrQuery(fromHeader, fromQuery []string, header, param, what string) (string, error) {
+	switch {
+	case len(fromHeader) > 1 || len(fromQuery) > 1:
+		return "", unauthorized("%s once: several %s headers or %s query parameters", what, header, param)
+	case len(fromHeader) == 1 && len(fromQuery) == 1 && fromHeader[0] != fromQuery[0]:
+		return "", unauthorized("the %s header and the %s query parameter differ", header, param)
+	case len(fromHeader) == 1:
+		return fromHeader[0], nil
+	case len(fromQuery) == 1:
+		return fromQuery[0], nil
+	}
+	return "", nil
 }
 
 // parseAgentID accepts only the canonical decimal spelling of a positive
@@ -176,14 +195,16 @@ func isVisibleASCII(s string) bool {
 // Authenticate and before forwarding. It removes:
 //
 //   - the credentials: Authorization, the Gitlab-Agent-Id and X-Csrf-Token
-//     headers, the gitlab-agent-id query parameter, and every Cookie header.
-//     All cookies go, not only _gitlab_kas: kas shares GitLab's domain, so the
-//     browser also sends GitLab's own session cookie, and the API server
-//     authenticates nobody by cookie;
-//   - Impersonate-*: whom the agent impersonates is kas's decision alone;
-//   - every Kas-* header: the tunnel protocol's own headers
-//     (protocol.HeaderIdentity, HeaderUpgrade, HeaderUpgradeStatus) all start
-//     with it, so a caller can spoof none of them;
+//     headers, the gitlab-agent-id and gitlab-csrf-token query parameters,
+//     and every Cookie header. All cookies go, not only _gitlab_kas: kas
+//     shares GitLab's domain, so the browser also sends GitLab's own session
+//     cookie, and the API server authenticates nobody by cookie;
+//   - every header protocol.IsReservedHeader names, however it is spelt
+//     (Impersonate_User as well as Impersonate-User): Impersonate-* (whom
+//     the agent impersonates is kas's decision alone), front-proxy identity
+//     (X-Remote-User, X-Remote-Group, X-Remote-Extra-*), client addresses
+//     (X-Real-Ip, X-Forwarded-*, Forwarded: kas sets X-Forwarded-For
+//     itself), and the tunnel protocol's own Kas-* headers;
 //   - hop-by-hop headers (RFC 9110 §7.6.1): Connection and every header it
 //     names, Keep-Alive, Proxy-*, TE, Trailer, Transfer-Encoding.
 //
@@ -217,18 +238,20 @@ func StripCredentials(r *http.Request) {
 			ck == "Authorization", ck == "Cookie", ck == HeaderAgentID, ck == HeaderCSRFToken,
 			ck == "Connection", ck == "Keep-Alive", ck == "Te", ck == "Trailer", ck == "Transfer-Encoding",
 			ck == "Upgrade" && !upgrade,
-			strings.HasPrefix(ck, "Impersonate-"), strings.HasPrefix(ck, "Kas-"), strings.HasPrefix(ck, "Proxy-"):
+			strings.HasPrefix(ck, "Proxy-"),
+			protocol.IsReservedHeader(ck):
 			delete(h, k)
 		}
 	}
 	if r.URL != nil {
-		r.URL.RawQuery = removeQueryParam(r.URL.RawQuery, QueryAgentID)
+		r.URL.RawQuery = removeQueryParams(r.URL.RawQuery, QueryAgentID, QueryCSRFToken)
 	}
 }
 
-// removeQueryParam drops every name=value pair of rawQuery whose (unescaped)
-// name is name, keeping every other byte as the caller sent it.
-func removeQueryParam(rawQuery, name string) string {
+// removeQueryParams drops every name=value pair of rawQuery whose
+// (unescaped) name is one of names, keeping every other byte as the caller
+// sent it.
+func removeQueryParams(rawQuery string, names ...string) string {
 	if rawQuery == "" {
 		return rawQuery
 	}
@@ -236,7 +259,7 @@ func removeQueryParam(rawQuery, name string) string {
 	kept := pairs[:0]
 	for _, p := range pairs {
 		k, _, _ := strings.Cut(p, "=")
-		if uk, err := url.QueryUnescape(k); err == nil && uk == name {
+		if uk, err := url.QueryUnescape(k); err == nil && slices.Contains(names, uk) {
 			continue
 		}
 		kept = append(kept, p)

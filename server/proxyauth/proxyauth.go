@@ -146,6 +146,10 @@ func (a *Authenticator) authenticateUser(ctx context.Context, c credentials) (*R
 		if c.kind == KindSessionCookie {
 			r.unauthorized = "GitLab does not accept the session or its CSRF token; sign in to GitLab again"
 		}
+		if errors.Is(err, gitlab.ErrInsufficientScope) {
+			r.forbidden = "the personal access token lacks the k8s_proxy scope, which the Kubernetes API proxy requires; " +
+				"create a token with the k8s_proxy scope"
+		}
 		return nil, gitlabError(err, r)
 	}
 	if resp.Agent.ID != c.agentID {
@@ -173,6 +177,15 @@ func gitlabError(err error, r refusals) *Error {
 		return &Error{Code: http.StatusForbidden, Reason: kubestatus.ReasonForbidden, Message: r.forbidden, Err: err}
 	case errors.Is(err, gitlab.ErrNotFound):
 		return &Error{Code: http.StatusNotFound, Reason: kubestatus.ReasonNotFound, Message: r.notFound, Err: err}
+	case errors.Is(err, gitlab.ErrContract):
+		return unusableAnswer(err)
+	case errors.Is(err, gitlab.ErrRedirect):
+		return &Error{
+			Code:    http.StatusBadGateway,
+			Reason:  kubestatus.ReasonInternalError,
+			Message: "GitLab redirected kas's authorization request, and kas does not follow GitLab's redirects; the kas log says where to",
+			Err:     err,
+		}
 	default:
 		return &Error{
 			Code:    http.StatusBadGateway,

@@ -100,8 +100,8 @@ func (b *Backend) proxyUser(st *state, req gitlab.AuthorizeProxyUserRequest) (*u
 				"401 Unauthorized: no user has this personal access token (users[].personal_access_tokens in "+b.file+")")
 		}
 		if !slices.Contains(t.scopes, k8sProxyScope) {
-			return nil, b.refuse(op, http.StatusForbidden,
-				"insufficient_scope: the personal access token needs the "+k8sProxyScope+" scope")
+			return nil, &gitlab.Error{Op: op, URL: b.url, StatusCode: http.StatusForbidden, Err: gitlab.ErrInsufficientScope,
+				Message: "insufficient_scope: the personal access token needs the " + k8sProxyScope + " scope"}
 		}
 		return t.user, nil
 	case gitlab.AccessTypeSessionCookie:

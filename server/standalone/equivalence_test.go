@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"testing"
+	"time"
 
 	"github.com/kasproject/kas/server/gitlab"
 	"github.com/kasproject/kas/server/gitlab/gitlabtest"
@@ -34,6 +35,9 @@ func TestEquivalentThroughRails(t *testing.T) {
 		t.Run("agent info: "+tc.name, func(t *testing.T) {
 			direct, directErr := backend.GetAgentInfo(ctx, tc.token)
 			viaRails, railsErr := client.GetAgentInfo(ctx, tc.token)
+			if viaRails != nil {
+				viaRails.ValidatedAt = time.Time{} // when Rails answered: not part of the answer
+			}
 			checkSame(t, direct, directErr, viaRails, railsErr)
 		})
 	}

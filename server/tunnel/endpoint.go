@@ -2,7 +2,6 @@ package tunnel
 
 import (
 	"context"
-	"crypto/sha256"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -10,19 +9,19 @@ import (
 	"net/http"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 	"unicode/utf8"
 
 	"github.com/gorilla/websocket"
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/net/http2"
-	"golang.org/x/time/rate"
 
+	"github.com/kasproject/kas/middleware"
 	"github.com/kasproject/kas/protocol"
 	"github.com/kasproject/kas/registry"
 	"github.com/kasproject/kas/server/correlation"
 	"github.com/kasproject/kas/server/gitlab"
+	"github.com/kasproject/kas/server/tokencheck"
 )
 
 // Options configure an Endpoint.
@@ -47,6 +46,9 @@ type Options struct {
 	NodeURLs []string
 	// Registerer receives the endpoint's metrics; nil means none.
 	Registerer prometheus.Registerer
+	// Tokens, if set, re-validates each tunnel's token periodically and
+	// closes the tunnel once GitLab no longer accepts it.
+	Tokens *tokencheck.Checker
 	// OnConnect, if set, is told about each tunnel once it is registered,
 	// with the agent's identity from GitLab (e.g. so the agent gets its
 	// configuration); OnDisconnect once the tunnel is unregistered, always
@@ -63,7 +65,7 @@ type Endpoint struct {
 	transport *http2.Transport
 	bodies    protocol.BulkBodies
 	limiter   *tokenLimiter
-	nextID    atomic.Int64
+	refusals  *refusalLimiter
 
 	mu       sync.Mutex
 	closing  bool
@@ -102,8 +104,9 @@ func NewEndpoint(opts Options) (*Endpoint, error) {
 			// A stalled agent must not block writers forever.
 			WriteByteTimeout: opts.PingInterval + opts.PingTimeout,
 		},
-		limiter: newTokenLimiter(opts.ConnectionsPerTokenPerMinute),
-		tunnels: map[*Tunnel]struct{}{},
+		limiter:  newTokenLimiter(opts.ConnectionsPerTokenPerMinute),
+		refusals: newRefusalLimiter(refusedPerAddressPerMinute, maxLimitedAddresses),
+		tunnels:  map[*Tunnel]struct{}{},
 		connected: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "kas_tunnels_connected",
 			Help: "Agent tunnels connected to this node.",
@@ -145,21 +148,47 @@ func (e *Endpoint) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 				r.Header.Get("Sec-WebSocket-Protocol"), protocol.Subprotocol))
 		return
 	}
+	// Made-up tokens are limited per client address before GitLab is
+	// asked; real ones per token once GitLab has accepted them, so nothing
+	// a caller makes up gets a limiter entry of its own.
+	addr := middleware.ClientAddressOf(r)
+	if e.refusals.blocked(addr, time.Now()) {
+		w.Header().Set("Retry-After", "60")
+		e.refuse(w, log, http.StatusTooManyRequests, "rate_limited",
+			fmt.Sprintf("too many connection attempts with agent tokens kas does not accept from this address (%s); wait a minute, and check the agent's token", addr))
+		return
+	}
+	info, err := e.opts.API.GetAgentInfo(r.Context(), token)
+	if err == nil && info.AgentID <= 0 {
+		// The GitLab client refuses such an answer itself; any other
+		// backend gets the same check, so no agent runs as agent 0.
+		err = &gitlab.Error{Op: "get agent info", Err: gitlab.ErrContract,
+			Message: fmt.Sprintf("the answer names agent %d; an agent ID is positive", info.AgentID)}
+	}
+	if err != nil {
+		switch {
+		case gitlab.Cacheable(err):
+			e.refusals.refused(addr, time.Now())
+			e.refuse(w, log, http.StatusUnauthorized, "unauthenticated", "agent token is not valid")
+			log.Info("Agent refused", "client_address", addr, "error", err.Error())
+		case errors.Is(err, gitlab.ErrContract):
+			e.refuse(w, log, http.StatusBadGateway, "gitlab_error",
+				"GitLab's answer about this agent token cannot be used (a GitLab contract error); the kas log has the details")
+			log.Error("Authenticate agent: GitLab contract error", "error", err.Error())
+		case errors.Is(err, gitlab.ErrRedirect):
+			e.refuse(w, log, http.StatusBadGateway, "gitlab_error",
+				"GitLab redirected kas's call to authenticate the agent, and kas does not follow GitLab's redirects; the kas log says where to")
+			log.Error("Authenticate agent", "error", err.Error())
+		default:
+			e.refuse(w, log, http.StatusBadGateway, "gitlab_error", "kas cannot reach GitLab to authenticate the agent; try again later")
+			log.Error("Authenticate agent", "error", err.Error())
+		}
+		return
+	}
 	if !e.limiter.allow(token, time.Now()) {
 		w.Header().Set("Retry-After", "60")
 		e.refuse(w, log, http.StatusTooManyRequests, "rate_limited",
 			"too many connections for this agent token; agent.listen.connections_per_token_per_minute limits them")
-		return
-	}
-	info, err := e.opts.API.GetAgentInfo(r.Context(), token)
-	if err != nil {
-		if gitlab.Cacheable(err) {
-			e.refuse(w, log, http.StatusUnauthorized, "unauthenticated", "agent token is not valid")
-			log.Info("Agent refused", "error", err.Error())
-		} else {
-			e.refuse(w, log, http.StatusBadGateway, "gitlab_error", "kas cannot reach GitLab to authenticate the agent; try again later")
-			log.Error("Authenticate agent", "error", err.Error())
-		}
 		return
 	}
 	e.mu.Lock()
@@ -180,10 +209,10 @@ func (e *Endpoint) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		log.Info("Agent WebSocket upgrade failed", "agent_id", info.AgentID, "error", err.Error())
 		return // the upgrader has answered the agent
 	}
-	e.serveTunnel(log, ws, info, r.Header)
+	e.serveTunnel(log, ws, token, info, r.Header)
 }
 
-func (e *Endpoint) serveTunnel(log *slog.Logger, ws *websocket.Conn, info *gitlab.AgentInfo, h http.Header) {
+func (e *Endpoint) serveTunnel(log *slog.Logger, ws *websocket.Conn, token string, info *gitlab.AgentInfo, h http.Header) {
 	conn := newNotifyConn(protocol.NewConn(ws))
 	cc, err := e.transport.NewClientConn(conn)
 	if err != nil {
@@ -199,7 +228,7 @@ func (e *Endpoint) serveTunnel(log *slog.Logger, ws *websocket.Conn, info *gitla
 		info: registry.TunnelInfo{
 			AgentID:           info.AgentID,
 			ProjectID:         info.ProjectID,
-			ConnectionID:      e.nextID.Add(1),
+			ConnectionID:      registry.NewConnectionID(),
 			AgentVersion:      headerValue(h, protocol.HeaderAgentVersion),
 			AgentCommit:       headerValue(h, protocol.HeaderAgentCommit),
 			PodName:           headerValue(h, protocol.HeaderPodName),
@@ -229,6 +258,13 @@ func (e *Endpoint) serveTunnel(log *slog.Logger, ws *websocket.Conn, info *gitla
 		e.opts.OnConnect(*info, t)
 	}
 
+	var revoked <-chan struct{} // nil without a token checker: never ready
+	var watch *tokencheck.Watch
+	if e.opts.Tokens != nil {
+		watch = e.opts.Tokens.Watch(token, *info)
+		defer watch.Stop()
+		revoked = watch.Revoked()
+	}
 	maxAge := time.NewTimer(jitter(e.opts.MaxConnectionAge))
 	defer maxAge.Stop()
 	select {
@@ -236,6 +272,9 @@ func (e *Endpoint) serveTunnel(log *slog.Logger, ws *websocket.Conn, info *gitla
 		log.Info("Agent disconnected")
 	case <-maxAge.C:
 		log.Info("Agent connection reached agent.listen.max_connection_age; closing it gracefully so the agent reconnects")
+	case <-revoked:
+		log.Warn("Closing the agent's tunnel: its token is no longer accepted; register the agent again and give agentk the new token",
+			"error", watch.Err().Error())
 	}
 	// Unregister first so no new request picks this tunnel while it drains.
 	if err := e.opts.Registry.Unregister(ctx, t); err != nil {
@@ -362,47 +401,4 @@ func jitter(d time.Duration) time.Duration {
 	}
 	spread := int64(d) / 5 // ±10%
 	return d - time.Duration(spread/2) + time.Duration(rand.Int64N(spread+1))
-}
-
-// tokenLimiter limits connections per agent token. Tokens are kept as
-// SHA-256 digests so the limiter never holds a secret.
-type tokenLimiter struct {
-	perMinute int
-	mu        sync.Mutex
-	limiters  map[[sha256.Size]byte]*limiterEntry
-	lastSweep time.Time
-}
-
-type limiterEntry struct {
-	limiter *rate.Limiter
-	seen    time.Time
-}
-
-func newTokenLimiter(perMinute int) *tokenLimiter {
-	return &tokenLimiter{perMinute: perMinute, limiters: map[[sha256.Size]byte]*limiterEntry{}}
-}
-
-func (l *tokenLimiter) allow(token string, now time.Time) bool {
-	if l.perMinute <= 0 {
-		return true
-	}
-	key := sha256.Sum256([]byte(token))
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	// Forget tokens idle for two minutes; their buckets are full again anyway.
-	if now.Sub(l.lastSweep) > time.Minute {
-		for k, ent := range l.limiters {
-			if now.Sub(ent.seen) > 2*time.Minute {
-				delete(l.limiters, k)
-			}
-		}
-		l.lastSweep = now
-	}
-	ent := l.limiters[key]
-	if ent == nil {
-		ent = &limiterEntry{limiter: rate.NewLimiter(rate.Limit(float64(l.perMinute)/60), l.perMinute)}
-		l.limiters[key] = ent
-	}
-	ent.seen = now
-	return ent.limiter.AllowN(now, 1)
 }

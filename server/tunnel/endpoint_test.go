@@ -50,7 +50,12 @@ func newFixture(t *testing.T, mutate func(*Options)) *fixture {
 	t.Helper()
 	reg := registry.NewMemory()
 	opts := Options{
-		API:                          agents{"good-token": {AgentID: 1, ProjectID: 100, AgentName: "prod"}},
+		API: agents{
+			"good-token": {AgentID: 1, ProjectID: 100, AgentName: "prod"},
+			// A backend answering without an agent ID (GitLab's client
+			// refuses such an answer itself).
+			"agent-zero-token": {ProjectID: 100, AgentName: "nameless"},
+		},
 		Registry:                     reg,
 		Logger:                       slog.New(slog.NewTextHandler(io.Discard, nil)),
 		PingInterval:                 time.Minute,
@@ -141,6 +146,7 @@ func TestEndpointRefusesBeforeUpgrade(t *testing.T) {
 		{"no token", "", protocol.Subprotocol, 401, "missing agent token"},
 		{"bad token", "wrong", protocol.Subprotocol, 401, "agent token is not valid"},
 		{"old protocol", "good-token", "kas-tunnel.v0", 400, "unsupported tunnel protocol"},
+		{"answer without an agent ID", "agent-zero-token", protocol.Subprotocol, 502, "GitLab contract error"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -346,5 +352,23 @@ func TestEndpointConnectHooks(t *testing.T) {
 	}
 	if _, ok := f.registry.FindLocal(1); ok {
 		t.Fatal("tunnel still registered when OnDisconnect ran")
+	}
+}
+
+// TestEndpointConnectionIDsAreRandom: GitLab tells an agent's connections
+// apart by connection_id across nodes and restarts, so it is random, not a
+// per-node counter (which gave every first connection the ID 1).
+func TestEndpointConnectionIDsAreRandom(t *testing.T) {
+	ids := map[int64]bool{}
+	for range 2 {
+		f := newFixture(t, nil) // a fresh endpoint each time, as after a restart
+		if _, _, err := f.dial(t, "good-token", protocol.Subprotocol, http.NotFoundHandler()); err != nil {
+			t.Fatal(err)
+		}
+		id := f.waitTunnel(t, 1).Info().ConnectionID
+		if id < 1<<32 || ids[id] {
+			t.Fatalf("connection ID %d (earlier %v): want a fresh random positive int63", id, ids)
+		}
+		ids[id] = true
 	}
 }

@@ -86,6 +86,7 @@ func (t *Tunnel) roundTripUpgrade(req *http.Request, upgrade string) (*http.Resp
 		return resp, nil
 	}
 	resp.Header.Del(protocol.HeaderUpgradeStatus)
+	resp.Header.Del(protocol.HeaderUpgrade)
 	resp.Header.Set("Connection", "Upgrade")
 	resp.Header.Set("Upgrade", upgrade)
 	resp.StatusCode = http.StatusSwitchingProtocols

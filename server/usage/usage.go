@@ -4,8 +4,9 @@
 // The counters and unique counters are GitLab's own, as its
 // POST /api/v4/internal/kubernetes/usage_metrics endpoint declares them:
 // requests in total and by access kind (ci_access for CI job tokens,
-// user_access for browser sessions, personal access tokens), and the users
-// and agents seen for each kind. A report that fails is not lost: its
+// user_access for browser sessions, personal access tokens), the users and
+// agents seen for each kind, and every user of the proxy whatever the kind
+// (agent_users_using_ci_tunnel, which GitLab's KAS fills that way). A report that fails is not lost: its
 // counts are merged back and sent with the next one, and counts that were
 // sent are never sent again.
 package usage
@@ -34,6 +35,9 @@ const (
 	UniqueAgentsViaUserAccess  = "k8s_api_proxy_requests_unique_agents_via_user_access"
 	UniqueUsersViaPATAccess    = "k8s_api_proxy_requests_unique_users_via_pat_access"
 	UniqueAgentsViaPATAccess   = "k8s_api_proxy_requests_unique_agents_via_pat_access"
+	// UniqueUsersUsingCITunnel counts every user of the proxy, by any
+	// access kind (the name predates the other kinds).
+	UniqueUsersUsingCITunnel = "agent_users_using_ci_tunnel"
 )
 
 const (
@@ -156,6 +160,9 @@ func (t *Tracker) Observe(r *proxyauth.Result) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	t.pending.add(CounterRequests, 1)
+	if r.UserID > 0 {
+		t.pending.addUnique(UniqueUsersUsingCITunnel, r.UserID)
+	}
 	if !known {
 		return
 	}

@@ -54,8 +54,9 @@ func TestCounts(t *testing.T) {
 			want: &gitlab.UsageMetrics{
 				Counters: map[string]int64{usage.CounterRequests: 3, usage.CounterRequestsViaCIAccess: 3},
 				UniqueCounters: map[string][]int64{
-					usage.UniqueUsersViaCIAccess:  {10, 11},
-					usage.UniqueAgentsViaCIAccess: {1, 2},
+					usage.UniqueUsersViaCIAccess:   {10, 11},
+					usage.UniqueAgentsViaCIAccess:  {1, 2},
+					usage.UniqueUsersUsingCITunnel: {10, 11},
 				},
 			},
 		},
@@ -67,6 +68,7 @@ func TestCounts(t *testing.T) {
 				UniqueCounters: map[string][]int64{
 					usage.UniqueUsersViaPATAccess:  {12},
 					usage.UniqueAgentsViaPATAccess: {3},
+					usage.UniqueUsersUsingCITunnel: {12},
 				},
 			},
 		},
@@ -86,6 +88,8 @@ func TestCounts(t *testing.T) {
 					usage.UniqueAgentsViaCIAccess:   {4},
 					usage.UniqueUsersViaPATAccess:   {13},
 					usage.UniqueAgentsViaPATAccess:  {5},
+					// GitLab's KAS adds every proxy user, whatever the kind.
+					usage.UniqueUsersUsingCITunnel: {13, 14},
 				},
 			},
 		},
@@ -143,6 +147,7 @@ func TestFailedReportIsSentNextTime(t *testing.T) {
 			usage.UniqueAgentsViaCIAccess:  {1},
 			usage.UniqueUsersViaPATAccess:  {10},
 			usage.UniqueAgentsViaPATAccess: {2},
+			usage.UniqueUsersUsingCITunnel: {10, 11},
 		},
 	}
 	if len(got) != 1 || !reflect.DeepEqual(got[0], want) {

@@ -4,7 +4,9 @@
 // a hand-written backend or the standalone one.
 //
 // Every request is checked for a valid Gitlab-Kas-Api-Request JWT (HS256,
-// the server's secret, iss gitlab-kas, aud gitlab) and answered 401
+// the server's secret, iss gitlab-kas, aud gitlab, exp and nbf checked in
+// whole seconds with no leeway, as ruby-jwt does; WithClockOffset sets Rails'
+// clock apart from kas's) and answered 401 "KAS JWT authentication invalid"
 // otherwise, like Rails. The server serves:
 //
 //	GET  /api/v4/internal/agents/agentk/agent_info  (Authorization: Bearer <agent token>)
@@ -49,6 +51,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/golang-jwt/jwt/v5"
+
 	"github.com/kasproject/kas/server/correlation"
 	"github.com/kasproject/kas/server/gitlab"
 	"github.com/kasproject/kas/server/kasjwt"
@@ -62,6 +66,8 @@ type Server struct {
 	srv     *httptest.Server
 	secret  []byte
 	backend gitlab.API
+	// clockOffset is how far Rails' clock is ahead of the test's.
+	clockOffset time.Duration
 
 	mu       sync.Mutex
 	requests []Request
@@ -92,13 +98,16 @@ type Failure struct {
 	Status  int
 	Message string // GitLab's {"message": ...}; defaults to the status text
 	Hangup  bool   // close the connection without answering
+	// Location is the Location header of a 3xx Status: a redirect.
+	Location string
 	// Times is how many requests it affects; 0 means until ClearFailures.
 	Times int
 }
 
 type options struct {
-	legacyOnly bool
-	tls        bool
+	legacyOnly  bool
+	tls         bool
+	clockOffset time.Duration
 }
 
 // Option changes how New sets the server up.
@@ -112,6 +121,10 @@ func WithLegacyAgentInfoOnly() Option { return func(o *options) { o.legacyOnly =
 // WithTLS serves https with httptest's certificate; see Certificate.
 func WithTLS() Option { return func(o *options) { o.tls = true } }
 
+// WithClockOffset sets the fake Rails' clock d ahead of the test's (behind
+// for a negative d), for the JWT's exp and nbf checks.
+func WithClockOffset(d time.Duration) Option { return func(o *options) { o.clockOffset = d } }
+
 // New starts a fake GitLab checking JWTs against secret and answering from
 // backend; a nil backend knows no credentials (every lookup is a 401). The
 // server stops when the test ends.
@@ -122,11 +135,12 @@ func New(t testing.TB, secret []byte, backend gitlab.API, opts ...Option) *Serve
 		opt(&o)
 	}
 	s := &Server{
-		secret:   secret,
-		backend:  backend,
-		calls:    make(map[string]int),
-		failures: make(map[string]*Failure),
-		files:    make(map[int64]map[string]map[string][]byte),
+		secret:      secret,
+		backend:     backend,
+		clockOffset: o.clockOffset,
+		calls:       make(map[string]int),
+		failures:    make(map[string]*Failure),
+		files:       make(map[int64]map[string]map[string][]byte),
 	}
 	mux := http.NewServeMux()
 	if !o.legacyOnly {
@@ -274,12 +288,15 @@ func (s *Server) intercept(next http.Handler) http.Handler {
 			}
 			return
 		case f.Status != 0:
+			if f.Location != "" {
+				w.Header().Set("Location", f.Location)
+			}
 			writeError(w, f.Status, f.Message)
 			return
 		}
 
-		if err := kasjwt.Verify(s.secret, r.Header.Get(gitlab.HeaderAPIRequest), kasjwt.AudienceGitLab, kasjwt.IssuerKAS); err != nil {
-			writeError(w, http.StatusUnauthorized, "")
+		if err := s.verifyAPIRequest(r.Header.Get(gitlab.HeaderAPIRequest)); err != nil {
+			writeError(w, http.StatusUnauthorized, "KAS JWT authentication invalid")
 			return
 		}
 		if id := r.Header.Get(correlation.Header); id != "" {
@@ -287,6 +304,34 @@ func (s *Server) intercept(next http.Handler) http.Handler {
 		}
 		next.ServeHTTP(w, r)
 	})
+}
+
+// verifyAPIRequest checks kas's JWT as Rails' Gitlab::Kas.verify_api_request
+// does with ruby-jwt: HS256 with the secret, iss and aud, and exp and nbf
+// against Rails' clock in whole seconds with no leeway.
+func (s *Server) verifyAPIRequest(token string) error {
+	var claims jwt.RegisteredClaims
+	_, err := jwt.NewParser(
+		jwt.WithValidMethods([]string{"HS256"}),
+		jwt.WithoutClaimsValidation(), // checked below, ruby-jwt's way
+	).ParseWithClaims(token, &claims, func(*jwt.Token) (any, error) { return s.secret, nil })
+	if err != nil {
+		return err
+	}
+	now := time.Now().Add(s.clockOffset).Unix()
+	switch {
+	case claims.Issuer != kasjwt.IssuerKAS:
+		return errors.New("wrong iss")
+	case !slices.Contains(claims.Audience, kasjwt.AudienceGitLab):
+		return errors.New("wrong aud")
+	case claims.ExpiresAt == nil:
+		return errors.New("no exp") // Rails requires it too
+	case claims.ExpiresAt.Unix() <= now:
+		return errors.New("expired")
+	case claims.NotBefore != nil && claims.NotBefore.Unix() > now:
+		return errors.New("not yet valid")
+	}
+	return nil
 }
 
 // record stores req and returns the failure to apply to it (zero if none),
@@ -497,6 +542,13 @@ func answer(w http.ResponseWriter, v any, err error) {
 	}
 	var ge *gitlab.Error
 	switch {
+	case errors.Is(err, gitlab.ErrInsufficientScope):
+		// Rails' API guard (Rack::OAuth2's insufficient_scope).
+		writeJSON(w, http.StatusForbidden, map[string]string{
+			"error":             "insufficient_scope",
+			"error_description": "The request requires higher privileges than provided by the access token.",
+			"scope":             "k8s_proxy",
+		})
 	case errors.Is(err, gitlab.ErrUnauthorized):
 		writeError(w, http.StatusUnauthorized, "")
 	case errors.Is(err, gitlab.ErrForbidden):

@@ -34,7 +34,7 @@ type ConnectedAgentInfo struct {
 	AgentMeta *AgentMeta `protobuf:"bytes,1,opt,name=agent_meta,json=agentMeta,proto3" json:"agent_meta,omitempty"`
 	// When the connection was established.
 	ConnectedAt *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=connected_at,json=connectedAt,proto3" json:"connected_at,omitempty"`
-	// Identifies this connection; chosen by kas when the agent connects.
+	// Identifies this connection: random, chosen by kas when the agent connects.
 	ConnectionId int64 `protobuf:"varint,3,opt,name=connection_id,json=connectionId,proto3" json:"connection_id,omitempty"`
 	// GitLab-wide ID of the agent.
 	AgentId int64 `protobuf:"varint,4,opt,name=agent_id,json=agentId,proto3" json:"agent_id,omitempty"`

@@ -12,6 +12,7 @@ package gitlabpb
 import (
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
+	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
 	reflect "reflect"
 	sync "sync"
 	unsafe "unsafe"
@@ -202,11 +203,186 @@ func (x *GetConnectedAgentsByProjectIDsResponse) GetAgents() []*ConnectedAgentIn
 	return nil
 }
 
+// The request and answer of GetConnectedAgentksByAgentIDs, under the names
+// newer GitLab releases give them (GitLab renamed agents "agentk" there);
+// the fields are those of GetConnectedAgentsByAgentIDs.
+type GetConnectedAgentksByAgentIDsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	AgentIds      []int64                `protobuf:"varint,1,rep,packed,name=agent_ids,json=agentIds,proto3" json:"agent_ids,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetConnectedAgentksByAgentIDsRequest) Reset() {
+	*x = GetConnectedAgentksByAgentIDsRequest{}
+	mi := &file_server_internalapi_gitlabpb_agent_tracker_rpc_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetConnectedAgentksByAgentIDsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetConnectedAgentksByAgentIDsRequest) ProtoMessage() {}
+
+func (x *GetConnectedAgentksByAgentIDsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_server_internalapi_gitlabpb_agent_tracker_rpc_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetConnectedAgentksByAgentIDsRequest.ProtoReflect.Descriptor instead.
+func (*GetConnectedAgentksByAgentIDsRequest) Descriptor() ([]byte, []int) {
+	return file_server_internalapi_gitlabpb_agent_tracker_rpc_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *GetConnectedAgentksByAgentIDsRequest) GetAgentIds() []int64 {
+	if x != nil {
+		return x.AgentIds
+	}
+	return nil
+}
+
+type GetConnectedAgentksByAgentIDsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Zero or more connections per agent: one per agentk replica and kas node.
+	Agents        []*ConnectedAgentk `protobuf:"bytes,1,rep,name=agents,proto3" json:"agents,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetConnectedAgentksByAgentIDsResponse) Reset() {
+	*x = GetConnectedAgentksByAgentIDsResponse{}
+	mi := &file_server_internalapi_gitlabpb_agent_tracker_rpc_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetConnectedAgentksByAgentIDsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetConnectedAgentksByAgentIDsResponse) ProtoMessage() {}
+
+func (x *GetConnectedAgentksByAgentIDsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_server_internalapi_gitlabpb_agent_tracker_rpc_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetConnectedAgentksByAgentIDsResponse.ProtoReflect.Descriptor instead.
+func (*GetConnectedAgentksByAgentIDsResponse) Descriptor() ([]byte, []int) {
+	return file_server_internalapi_gitlabpb_agent_tracker_rpc_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *GetConnectedAgentksByAgentIDsResponse) GetAgents() []*ConnectedAgentk {
+	if x != nil {
+		return x.Agents
+	}
+	return nil
+}
+
+// ConnectedAgentk is one agentk connection, as GetConnectedAgentksByAgentIDs
+// lists it; the same fields as gitlab.agent.agent_tracker.ConnectedAgentInfo.
+type ConnectedAgentk struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// What the agent reported about itself.
+	AgentMeta *AgentMeta `protobuf:"bytes,1,opt,name=agent_meta,json=agentMeta,proto3" json:"agent_meta,omitempty"`
+	// When the connection was established.
+	ConnectedAt *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=connected_at,json=connectedAt,proto3" json:"connected_at,omitempty"`
+	// Identifies this connection: random, chosen by kas when the agent connects.
+	ConnectionId int64 `protobuf:"varint,3,opt,name=connection_id,json=connectionId,proto3" json:"connection_id,omitempty"`
+	// GitLab-wide ID of the agent.
+	AgentId int64 `protobuf:"varint,4,opt,name=agent_id,json=agentId,proto3" json:"agent_id,omitempty"`
+	// ID of the agent's configuration project.
+	ProjectId     int64 `protobuf:"varint,5,opt,name=project_id,json=projectId,proto3" json:"project_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ConnectedAgentk) Reset() {
+	*x = ConnectedAgentk{}
+	mi := &file_server_internalapi_gitlabpb_agent_tracker_rpc_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ConnectedAgentk) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ConnectedAgentk) ProtoMessage() {}
+
+func (x *ConnectedAgentk) ProtoReflect() protoreflect.Message {
+	mi := &file_server_internalapi_gitlabpb_agent_tracker_rpc_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ConnectedAgentk.ProtoReflect.Descriptor instead.
+func (*ConnectedAgentk) Descriptor() ([]byte, []int) {
+	return file_server_internalapi_gitlabpb_agent_tracker_rpc_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *ConnectedAgentk) GetAgentMeta() *AgentMeta {
+	if x != nil {
+		return x.AgentMeta
+	}
+	return nil
+}
+
+func (x *ConnectedAgentk) GetConnectedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ConnectedAt
+	}
+	return nil
+}
+
+func (x *ConnectedAgentk) GetConnectionId() int64 {
+	if x != nil {
+		return x.ConnectionId
+	}
+	return 0
+}
+
+func (x *ConnectedAgentk) GetAgentId() int64 {
+	if x != nil {
+		return x.AgentId
+	}
+	return 0
+}
+
+func (x *ConnectedAgentk) GetProjectId() int64 {
+	if x != nil {
+		return x.ProjectId
+	}
+	return 0
+}
+
 var File_server_internalapi_gitlabpb_agent_tracker_rpc_proto protoreflect.FileDescriptor
 
 const file_server_internalapi_gitlabpb_agent_tracker_rpc_proto_rawDesc = "" +
 	"\n" +
-	"3server/internalapi/gitlabpb/agent_tracker_rpc.proto\x12\x1egitlab.agent.agent_tracker.rpc\x1a/server/internalapi/gitlabpb/agent_tracker.proto\"B\n" +
+	"3server/internalapi/gitlabpb/agent_tracker_rpc.proto\x12\x1egitlab.agent.agent_tracker.rpc\x1a\x1fgoogle/protobuf/timestamp.proto\x1a/server/internalapi/gitlabpb/agent_tracker.proto\x1a(server/internalapi/gitlabpb/entity.proto\"B\n" +
 	"#GetConnectedAgentsByAgentIDsRequest\x12\x1b\n" +
 	"\tagent_ids\x18\x01 \x03(\x03R\bagentIds\"n\n" +
 	"$GetConnectedAgentsByAgentIDsResponse\x12F\n" +
@@ -215,11 +391,23 @@ const file_server_internalapi_gitlabpb_agent_tracker_rpc_proto_rawDesc = "" +
 	"\vproject_ids\x18\x01 \x03(\x03R\n" +
 	"projectIds\"p\n" +
 	"&GetConnectedAgentsByProjectIDsResponse\x12F\n" +
-	"\x06agents\x18\x01 \x03(\v2..gitlab.agent.agent_tracker.ConnectedAgentInfoR\x06agents2\x99\x04\n" +
+	"\x06agents\x18\x01 \x03(\v2..gitlab.agent.agent_tracker.ConnectedAgentInfoR\x06agents\"C\n" +
+	"$GetConnectedAgentksByAgentIDsRequest\x12\x1b\n" +
+	"\tagent_ids\x18\x01 \x03(\x03R\bagentIds\"p\n" +
+	"%GetConnectedAgentksByAgentIDsResponse\x12G\n" +
+	"\x06agents\x18\x01 \x03(\v2/.gitlab.agent.agent_tracker.rpc.ConnectedAgentkR\x06agents\"\xee\x01\n" +
+	"\x0fConnectedAgentk\x12=\n" +
+	"\n" +
+	"agent_meta\x18\x01 \x01(\v2\x1e.gitlab.agent.entity.AgentMetaR\tagentMeta\x12=\n" +
+	"\fconnected_at\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\vconnectedAt\x12#\n" +
+	"\rconnection_id\x18\x03 \x01(\x03R\fconnectionId\x12\x19\n" +
+	"\bagent_id\x18\x04 \x01(\x03R\aagentId\x12\x1d\n" +
+	"\n" +
+	"project_id\x18\x05 \x01(\x03R\tprojectId2\x9b\x04\n" +
 	"\fAgentTracker\x12\xa9\x01\n" +
 	"\x1cGetConnectedAgentsByAgentIDs\x12C.gitlab.agent.agent_tracker.rpc.GetConnectedAgentsByAgentIDsRequest\x1aD.gitlab.agent.agent_tracker.rpc.GetConnectedAgentsByAgentIDsResponse\x12\xaf\x01\n" +
-	"\x1eGetConnectedAgentsByProjectIDs\x12E.gitlab.agent.agent_tracker.rpc.GetConnectedAgentsByProjectIDsRequest\x1aF.gitlab.agent.agent_tracker.rpc.GetConnectedAgentsByProjectIDsResponse\x12\xaa\x01\n" +
-	"\x1dGetConnectedAgentksByAgentIDs\x12C.gitlab.agent.agent_tracker.rpc.GetConnectedAgentsByAgentIDsRequest\x1aD.gitlab.agent.agent_tracker.rpc.GetConnectedAgentsByAgentIDsResponseB7Z5github.com/kasproject/kas/server/internalapi/gitlabpbb\x06proto3"
+	"\x1eGetConnectedAgentsByProjectIDs\x12E.gitlab.agent.agent_tracker.rpc.GetConnectedAgentsByProjectIDsRequest\x1aF.gitlab.agent.agent_tracker.rpc.GetConnectedAgentsByProjectIDsResponse\x12\xac\x01\n" +
+	"\x1dGetConnectedAgentksByAgentIDs\x12D.gitlab.agent.agent_tracker.rpc.GetConnectedAgentksByAgentIDsRequest\x1aE.gitlab.agent.agent_tracker.rpc.GetConnectedAgentksByAgentIDsResponseB7Z5github.com/kasproject/kas/server/internalapi/gitlabpbb\x06proto3"
 
 var (
 	file_server_internalapi_gitlabpb_agent_tracker_rpc_proto_rawDescOnce sync.Once
@@ -233,28 +421,36 @@ func file_server_internalapi_gitlabpb_agent_tracker_rpc_proto_rawDescGZIP() []by
 	return file_server_internalapi_gitlabpb_agent_tracker_rpc_proto_rawDescData
 }
 
-var file_server_internalapi_gitlabpb_agent_tracker_rpc_proto_msgTypes = make([]protoimpl.MessageInfo, 4)
+var file_server_internalapi_gitlabpb_agent_tracker_rpc_proto_msgTypes = make([]protoimpl.MessageInfo, 7)
 var file_server_internalapi_gitlabpb_agent_tracker_rpc_proto_goTypes = []any{
 	(*GetConnectedAgentsByAgentIDsRequest)(nil),    // 0: gitlab.agent.agent_tracker.rpc.GetConnectedAgentsByAgentIDsRequest
 	(*GetConnectedAgentsByAgentIDsResponse)(nil),   // 1: gitlab.agent.agent_tracker.rpc.GetConnectedAgentsByAgentIDsResponse
 	(*GetConnectedAgentsByProjectIDsRequest)(nil),  // 2: gitlab.agent.agent_tracker.rpc.GetConnectedAgentsByProjectIDsRequest
 	(*GetConnectedAgentsByProjectIDsResponse)(nil), // 3: gitlab.agent.agent_tracker.rpc.GetConnectedAgentsByProjectIDsResponse
-	(*ConnectedAgentInfo)(nil),                     // 4: gitlab.agent.agent_tracker.ConnectedAgentInfo
+	(*GetConnectedAgentksByAgentIDsRequest)(nil),   // 4: gitlab.agent.agent_tracker.rpc.GetConnectedAgentksByAgentIDsRequest
+	(*GetConnectedAgentksByAgentIDsResponse)(nil),  // 5: gitlab.agent.agent_tracker.rpc.GetConnectedAgentksByAgentIDsResponse
+	(*ConnectedAgentk)(nil),                        // 6: gitlab.agent.agent_tracker.rpc.ConnectedAgentk
+	(*ConnectedAgentInfo)(nil),                     // 7: gitlab.agent.agent_tracker.ConnectedAgentInfo
+	(*AgentMeta)(nil),                              // 8: gitlab.agent.entity.AgentMeta
+	(*timestamppb.Timestamp)(nil),                  // 9: google.protobuf.Timestamp
 }
 var file_server_internalapi_gitlabpb_agent_tracker_rpc_proto_depIdxs = []int32{
-	4, // 0: gitlab.agent.agent_tracker.rpc.GetConnectedAgentsByAgentIDsResponse.agents:type_name -> gitlab.agent.agent_tracker.ConnectedAgentInfo
-	4, // 1: gitlab.agent.agent_tracker.rpc.GetConnectedAgentsByProjectIDsResponse.agents:type_name -> gitlab.agent.agent_tracker.ConnectedAgentInfo
-	0, // 2: gitlab.agent.agent_tracker.rpc.AgentTracker.GetConnectedAgentsByAgentIDs:input_type -> gitlab.agent.agent_tracker.rpc.GetConnectedAgentsByAgentIDsRequest
-	2, // 3: gitlab.agent.agent_tracker.rpc.AgentTracker.GetConnectedAgentsByProjectIDs:input_type -> gitlab.agent.agent_tracker.rpc.GetConnectedAgentsByProjectIDsRequest
-	0, // 4: gitlab.agent.agent_tracker.rpc.AgentTracker.GetConnectedAgentksByAgentIDs:input_type -> gitlab.agent.agent_tracker.rpc.GetConnectedAgentsByAgentIDsRequest
-	1, // 5: gitlab.agent.agent_tracker.rpc.AgentTracker.GetConnectedAgentsByAgentIDs:output_type -> gitlab.agent.agent_tracker.rpc.GetConnectedAgentsByAgentIDsResponse
-	3, // 6: gitlab.agent.agent_tracker.rpc.AgentTracker.GetConnectedAgentsByProjectIDs:output_type -> gitlab.agent.agent_tracker.rpc.GetConnectedAgentsByProjectIDsResponse
-	1, // 7: gitlab.agent.agent_tracker.rpc.AgentTracker.GetConnectedAgentksByAgentIDs:output_type -> gitlab.agent.agent_tracker.rpc.GetConnectedAgentsByAgentIDsResponse
-	5, // [5:8] is the sub-list for method output_type
-	2, // [2:5] is the sub-list for method input_type
-	2, // [2:2] is the sub-list for extension type_name
-	2, // [2:2] is the sub-list for extension extendee
-	0, // [0:2] is the sub-list for field type_name
+	7, // 0: gitlab.agent.agent_tracker.rpc.GetConnectedAgentsByAgentIDsResponse.agents:type_name -> gitlab.agent.agent_tracker.ConnectedAgentInfo
+	7, // 1: gitlab.agent.agent_tracker.rpc.GetConnectedAgentsByProjectIDsResponse.agents:type_name -> gitlab.agent.agent_tracker.ConnectedAgentInfo
+	6, // 2: gitlab.agent.agent_tracker.rpc.GetConnectedAgentksByAgentIDsResponse.agents:type_name -> gitlab.agent.agent_tracker.rpc.ConnectedAgentk
+	8, // 3: gitlab.agent.agent_tracker.rpc.ConnectedAgentk.agent_meta:type_name -> gitlab.agent.entity.AgentMeta
+	9, // 4: gitlab.agent.agent_tracker.rpc.ConnectedAgentk.connected_at:type_name -> google.protobuf.Timestamp
+	0, // 5: gitlab.agent.agent_tracker.rpc.AgentTracker.GetConnectedAgentsByAgentIDs:input_type -> gitlab.agent.agent_tracker.rpc.GetConnectedAgentsByAgentIDsRequest
+	2, // 6: gitlab.agent.agent_tracker.rpc.AgentTracker.GetConnectedAgentsByProjectIDs:input_type -> gitlab.agent.agent_tracker.rpc.GetConnectedAgentsByProjectIDsRequest
+	4, // 7: gitlab.agent.agent_tracker.rpc.AgentTracker.GetConnectedAgentksByAgentIDs:input_type -> gitlab.agent.agent_tracker.rpc.GetConnectedAgentksByAgentIDsRequest
+	1, // 8: gitlab.agent.agent_tracker.rpc.AgentTracker.GetConnectedAgentsByAgentIDs:output_type -> gitlab.agent.agent_tracker.rpc.GetConnectedAgentsByAgentIDsResponse
+	3, // 9: gitlab.agent.agent_tracker.rpc.AgentTracker.GetConnectedAgentsByProjectIDs:output_type -> gitlab.agent.agent_tracker.rpc.GetConnectedAgentsByProjectIDsResponse
+	5, // 10: gitlab.agent.agent_tracker.rpc.AgentTracker.GetConnectedAgentksByAgentIDs:output_type -> gitlab.agent.agent_tracker.rpc.GetConnectedAgentksByAgentIDsResponse
+	8, // [8:11] is the sub-list for method output_type
+	5, // [5:8] is the sub-list for method input_type
+	5, // [5:5] is the sub-list for extension type_name
+	5, // [5:5] is the sub-list for extension extendee
+	0, // [0:5] is the sub-list for field type_name
 }
 
 func init() { file_server_internalapi_gitlabpb_agent_tracker_rpc_proto_init() }
@@ -263,13 +459,14 @@ func file_server_internalapi_gitlabpb_agent_tracker_rpc_proto_init() {
 		return
 	}
 	file_server_internalapi_gitlabpb_agent_tracker_proto_init()
+	file_server_internalapi_gitlabpb_entity_proto_init()
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_server_internalapi_gitlabpb_agent_tracker_rpc_proto_rawDesc), len(file_server_internalapi_gitlabpb_agent_tracker_rpc_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   4,
+			NumMessages:   7,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -36,9 +36,8 @@ type AgentTrackerClient interface {
 	// Connections of the agents configured in the given projects, on every kas node.
 	GetConnectedAgentsByProjectIDs(ctx context.Context, in *GetConnectedAgentsByProjectIDsRequest, opts ...grpc.CallOption) (*GetConnectedAgentsByProjectIDsResponse, error)
 	// The same as GetConnectedAgentsByAgentIDs under the name newer GitLab
-	// releases call (GitLab renamed agents "agentk" there); the messages
-	// carry the same fields.
-	GetConnectedAgentksByAgentIDs(ctx context.Context, in *GetConnectedAgentsByAgentIDsRequest, opts ...grpc.CallOption) (*GetConnectedAgentsByAgentIDsResponse, error)
+	// releases call, with their message names.
+	GetConnectedAgentksByAgentIDs(ctx context.Context, in *GetConnectedAgentksByAgentIDsRequest, opts ...grpc.CallOption) (*GetConnectedAgentksByAgentIDsResponse, error)
 }
 
 type agentTrackerClient struct {
@@ -69,9 +68,9 @@ func (c *agentTrackerClient) GetConnectedAgentsByProjectIDs(ctx context.Context,
 	return out, nil
 }
 
-func (c *agentTrackerClient) GetConnectedAgentksByAgentIDs(ctx context.Context, in *GetConnectedAgentsByAgentIDsRequest, opts ...grpc.CallOption) (*GetConnectedAgentsByAgentIDsResponse, error) {
+func (c *agentTrackerClient) GetConnectedAgentksByAgentIDs(ctx context.Context, in *GetConnectedAgentksByAgentIDsRequest, opts ...grpc.CallOption) (*GetConnectedAgentksByAgentIDsResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	out := new(GetConnectedAgentsByAgentIDsResponse)
+	out := new(GetConnectedAgentksByAgentIDsResponse)
 	err := c.cc.Invoke(ctx, AgentTracker_GetConnectedAgentksByAgentIDs_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
@@ -88,9 +87,8 @@ type AgentTrackerServer interface {
 	// Connections of the agents configured in the given projects, on every kas node.
 	GetConnectedAgentsByProjectIDs(context.Context, *GetConnectedAgentsByProjectIDsRequest) (*GetConnectedAgentsByProjectIDsResponse, error)
 	// The same as GetConnectedAgentsByAgentIDs under the name newer GitLab
-	// releases call (GitLab renamed agents "agentk" there); the messages
-	// carry the same fields.
-	GetConnectedAgentksByAgentIDs(context.Context, *GetConnectedAgentsByAgentIDsRequest) (*GetConnectedAgentsByAgentIDsResponse, error)
+	// releases call, with their message names.
+	GetConnectedAgentksByAgentIDs(context.Context, *GetConnectedAgentksByAgentIDsRequest) (*GetConnectedAgentksByAgentIDsResponse, error)
 	mustEmbedUnimplementedAgentTrackerServer()
 }
 
@@ -107,7 +105,7 @@ func (UnimplementedAgentTrackerServer) GetConnectedAgentsByAgentIDs(context.Cont
 func (UnimplementedAgentTrackerServer) GetConnectedAgentsByProjectIDs(context.Context, *GetConnectedAgentsByProjectIDsRequest) (*GetConnectedAgentsByProjectIDsResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetConnectedAgentsByProjectIDs not implemented")
 }
-func (UnimplementedAgentTrackerServer) GetConnectedAgentksByAgentIDs(context.Context, *GetConnectedAgentsByAgentIDsRequest) (*GetConnectedAgentsByAgentIDsResponse, error) {
+func (UnimplementedAgentTrackerServer) GetConnectedAgentksByAgentIDs(context.Context, *GetConnectedAgentksByAgentIDsRequest) (*GetConnectedAgentksByAgentIDsResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetConnectedAgentksByAgentIDs not implemented")
 }
 func (UnimplementedAgentTrackerServer) mustEmbedUnimplementedAgentTrackerServer() {}
@@ -168,7 +166,7 @@ func _AgentTracker_GetConnectedAgentsByProjectIDs_Handler(srv interface{}, ctx c
 }
 
 func _AgentTracker_GetConnectedAgentksByAgentIDs_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
-	in := new(GetConnectedAgentsByAgentIDsRequest)
+	in := new(GetConnectedAgentksByAgentIDsRequest)
 	if err := dec(in); err != nil {
 		return nil, err
 	}
@@ -180,7 +178,7 @@ func _AgentTracker_GetConnectedAgentksByAgentIDs_Handler(srv interface{}, ctx co
 		FullMethod: AgentTracker_GetConnectedAgentksByAgentIDs_FullMethodName,
 	}
 	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
-		return srv.(AgentTrackerServer).GetConnectedAgentksByAgentIDs(ctx, req.(*GetConnectedAgentsByAgentIDsRequest))
+		return srv.(AgentTrackerServer).GetConnectedAgentksByAgentIDs(ctx, req.(*GetConnectedAgentksByAgentIDsRequest))
 	}
 	return interceptor(ctx, in, info, handler)
 }

@@ -15,7 +15,6 @@ package gitlabpb
 import (
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
-	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
 	reflect "reflect"
 	sync "sync"
 	unsafe "unsafe"
@@ -283,85 +282,11 @@ func (x *GitalyRepository) GetGlProjectPath() string {
 	return ""
 }
 
-// ServerInfo describes one kas node.
-type ServerInfo struct {
-	state protoimpl.MessageState `protogen:"open.v1"`
-	// Version of the kas binary.
-	Version string `protobuf:"bytes,1,opt,name=version,proto3" json:"version,omitempty"`
-	// Commit (or, without one, the version tag) the kas binary was built
-	// from; GitLab links it to the source.
-	GitRef string `protobuf:"bytes,2,opt,name=git_ref,json=gitRef,proto3" json:"git_ref,omitempty"`
-	// When the kas binary was built, if known.
-	BuildTime *timestamppb.Timestamp `protobuf:"bytes,100,opt,name=build_time,json=buildTime,proto3" json:"build_time,omitempty"`
-	// GitLab's external URL as kas is configured with it (gitlab.external_url).
-	GitlabExternalUrl string `protobuf:"bytes,101,opt,name=gitlab_external_url,json=gitlabExternalUrl,proto3" json:"gitlab_external_url,omitempty"`
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
-}
-
-func (x *ServerInfo) Reset() {
-	*x = ServerInfo{}
-	mi := &file_server_internalapi_gitlabpb_entity_proto_msgTypes[4]
-	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-	ms.StoreMessageInfo(mi)
-}
-
-func (x *ServerInfo) String() string {
-	return protoimpl.X.MessageStringOf(x)
-}
-
-func (*ServerInfo) ProtoMessage() {}
-
-func (x *ServerInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_server_internalapi_gitlabpb_entity_proto_msgTypes[4]
-	if x != nil {
-		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-		if ms.LoadMessageInfo() == nil {
-			ms.StoreMessageInfo(mi)
-		}
-		return ms
-	}
-	return mi.MessageOf(x)
-}
-
-// Deprecated: Use ServerInfo.ProtoReflect.Descriptor instead.
-func (*ServerInfo) Descriptor() ([]byte, []int) {
-	return file_server_internalapi_gitlabpb_entity_proto_rawDescGZIP(), []int{4}
-}
-
-func (x *ServerInfo) GetVersion() string {
-	if x != nil {
-		return x.Version
-	}
-	return ""
-}
-
-func (x *ServerInfo) GetGitRef() string {
-	if x != nil {
-		return x.GitRef
-	}
-	return ""
-}
-
-func (x *ServerInfo) GetBuildTime() *timestamppb.Timestamp {
-	if x != nil {
-		return x.BuildTime
-	}
-	return nil
-}
-
-func (x *ServerInfo) GetGitlabExternalUrl() string {
-	if x != nil {
-		return x.GitlabExternalUrl
-	}
-	return ""
-}
-
 var File_server_internalapi_gitlabpb_entity_proto protoreflect.FileDescriptor
 
 const file_server_internalapi_gitlabpb_entity_proto_rawDesc = "" +
 	"\n" +
-	"(server/internalapi/gitlabpb/entity.proto\x12\x13gitlab.agent.entity\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd9\x01\n" +
+	"(server/internalapi/gitlabpb/entity.proto\x12\x13gitlab.agent.entity\"\xd9\x01\n" +
 	"\tAgentMeta\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x12\x1b\n" +
 	"\tcommit_id\x18\x02 \x01(\tR\bcommitId\x12#\n" +
@@ -379,14 +304,7 @@ const file_server_internalapi_gitlabpb_entity_proto_rawDesc = "" +
 	"\aaddress\x18\x01 \x01(\tR\aaddress\"_\n" +
 	"\x10GitalyRepository\x12#\n" +
 	"\rgl_repository\x18\x06 \x01(\tR\fglRepository\x12&\n" +
-	"\x0fgl_project_path\x18\b \x01(\tR\rglProjectPath\"\xaa\x01\n" +
-	"\n" +
-	"ServerInfo\x12\x18\n" +
-	"\aversion\x18\x01 \x01(\tR\aversion\x12\x17\n" +
-	"\agit_ref\x18\x02 \x01(\tR\x06gitRef\x129\n" +
-	"\n" +
-	"build_time\x18d \x01(\v2\x1a.google.protobuf.TimestampR\tbuildTime\x12.\n" +
-	"\x13gitlab_external_url\x18e \x01(\tR\x11gitlabExternalUrlB7Z5github.com/kasproject/kas/server/internalapi/gitlabpbb\x06proto3"
+	"\x0fgl_project_path\x18\b \x01(\tR\rglProjectPathB7Z5github.com/kasproject/kas/server/internalapi/gitlabpbb\x06proto3"
 
 var (
 	file_server_internalapi_gitlabpb_entity_proto_rawDescOnce sync.Once
@@ -400,23 +318,20 @@ func file_server_internalapi_gitlabpb_entity_proto_rawDescGZIP() []byte {
 	return file_server_internalapi_gitlabpb_entity_proto_rawDescData
 }
 
-var file_server_internalapi_gitlabpb_entity_proto_msgTypes = make([]protoimpl.MessageInfo, 5)
+var file_server_internalapi_gitlabpb_entity_proto_msgTypes = make([]protoimpl.MessageInfo, 4)
 var file_server_internalapi_gitlabpb_entity_proto_goTypes = []any{
-	(*AgentMeta)(nil),             // 0: gitlab.agent.entity.AgentMeta
-	(*KubernetesVersion)(nil),     // 1: gitlab.agent.entity.KubernetesVersion
-	(*GitalyInfo)(nil),            // 2: gitlab.agent.entity.GitalyInfo
-	(*GitalyRepository)(nil),      // 3: gitlab.agent.entity.GitalyRepository
-	(*ServerInfo)(nil),            // 4: gitlab.agent.entity.ServerInfo
-	(*timestamppb.Timestamp)(nil), // 5: google.protobuf.Timestamp
+	(*AgentMeta)(nil),         // 0: gitlab.agent.entity.AgentMeta
+	(*KubernetesVersion)(nil), // 1: gitlab.agent.entity.KubernetesVersion
+	(*GitalyInfo)(nil),        // 2: gitlab.agent.entity.GitalyInfo
+	(*GitalyRepository)(nil),  // 3: gitlab.agent.entity.GitalyRepository
 }
 var file_server_internalapi_gitlabpb_entity_proto_depIdxs = []int32{
 	1, // 0: gitlab.agent.entity.AgentMeta.kubernetes_version:type_name -> gitlab.agent.entity.KubernetesVersion
-	5, // 1: gitlab.agent.entity.ServerInfo.build_time:type_name -> google.protobuf.Timestamp
-	2, // [2:2] is the sub-list for method output_type
-	2, // [2:2] is the sub-list for method input_type
-	2, // [2:2] is the sub-list for extension type_name
-	2, // [2:2] is the sub-list for extension extendee
-	0, // [0:2] is the sub-list for field type_name
+	1, // [1:1] is the sub-list for method output_type
+	1, // [1:1] is the sub-list for method input_type
+	1, // [1:1] is the sub-list for extension type_name
+	1, // [1:1] is the sub-list for extension extendee
+	0, // [0:1] is the sub-list for field type_name
 }
 
 func init() { file_server_internalapi_gitlabpb_entity_proto_init() }
@@ -430,7 +345,7 @@ func file_server_internalapi_gitlabpb_entity_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_server_internalapi_gitlabpb_entity_proto_rawDesc), len(file_server_internalapi_gitlabpb_entity_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   5,
+			NumMessages:   4,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -110,10 +110,10 @@ var File_server_internalapi_gitlabpb_server_info_rpc_proto protoreflect.FileDesc
 
 const file_server_internalapi_gitlabpb_server_info_rpc_proto_rawDesc = "" +
 	"\n" +
-	"1server/internalapi/gitlabpb/server_info_rpc.proto\x12\x1cgitlab.agent.server_info.rpc\x1a(server/internalapi/gitlabpb/entity.proto\"\x16\n" +
-	"\x14GetServerInfoRequest\"h\n" +
-	"\x15GetServerInfoResponse\x12O\n" +
-	"\x13current_server_info\x18\x01 \x01(\v2\x1f.gitlab.agent.entity.ServerInfoR\x11currentServerInfo2\x86\x01\n" +
+	"1server/internalapi/gitlabpb/server_info_rpc.proto\x12\x1cgitlab.agent.server_info.rpc\x1a-server/internalapi/gitlabpb/server_info.proto\"\x16\n" +
+	"\x14GetServerInfoRequest\"m\n" +
+	"\x15GetServerInfoResponse\x12T\n" +
+	"\x13current_server_info\x18\x01 \x01(\v2$.gitlab.agent.server_info.ServerInfoR\x11currentServerInfo2\x86\x01\n" +
 	"\n" +
 	"ServerInfo\x12x\n" +
 	"\rGetServerInfo\x122.gitlab.agent.server_info.rpc.GetServerInfoRequest\x1a3.gitlab.agent.server_info.rpc.GetServerInfoResponseB7Z5github.com/kasproject/kas/server/internalapi/gitlabpbb\x06proto3"
@@ -134,10 +134,10 @@ var file_server_internalapi_gitlabpb_server_info_rpc_proto_msgTypes = make([]pro
 var file_server_internalapi_gitlabpb_server_info_rpc_proto_goTypes = []any{
 	(*GetServerInfoRequest)(nil),  // 0: gitlab.agent.server_info.rpc.GetServerInfoRequest
 	(*GetServerInfoResponse)(nil), // 1: gitlab.agent.server_info.rpc.GetServerInfoResponse
-	(*ServerInfo)(nil),            // 2: gitlab.agent.entity.ServerInfo
+	(*ServerInfo)(nil),            // 2: gitlab.agent.server_info.ServerInfo
 }
 var file_server_internalapi_gitlabpb_server_info_rpc_proto_depIdxs = []int32{
-	2, // 0: gitlab.agent.server_info.rpc.GetServerInfoResponse.current_server_info:type_name -> gitlab.agent.entity.ServerInfo
+	2, // 0: gitlab.agent.server_info.rpc.GetServerInfoResponse.current_server_info:type_name -> gitlab.agent.server_info.ServerInfo
 	0, // 1: gitlab.agent.server_info.rpc.ServerInfo.GetServerInfo:input_type -> gitlab.agent.server_info.rpc.GetServerInfoRequest
 	1, // 2: gitlab.agent.server_info.rpc.ServerInfo.GetServerInfo:output_type -> gitlab.agent.server_info.rpc.GetServerInfoResponse
 	2, // [2:3] is the sub-list for method output_type
@@ -152,7 +152,7 @@ func file_server_internalapi_gitlabpb_server_info_rpc_proto_init() {
 	if File_server_internalapi_gitlabpb_server_info_rpc_proto != nil {
 		return
 	}
-	file_server_internalapi_gitlabpb_entity_proto_init()
+	file_server_internalapi_gitlabpb_server_info_proto_init()
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
