@@ -130,6 +130,26 @@ func (p *kasProcess) waitLog(t *testing.T, msg string, fields ...string) map[str
 	return found
 }
 
+// count counts the log lines with msg whose other fields are as given.
+func (p *kasProcess) count(msg string, fields ...string) int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	n := 0
+lines:
+	for _, l := range p.lines {
+		if l["msg"] != msg {
+			continue
+		}
+		for i := 0; i+1 < len(fields); i += 2 {
+			if l[fields[i]] != fields[i+1] {
+				continue lines
+			}
+		}
+		n++
+	}
+	return n
+}
+
 func (p *kasProcess) address(t *testing.T, listener string) string {
 	t.Helper()
 	addr, _ := p.waitLog(t, "Listening", "listener", listener)["address"].(string)

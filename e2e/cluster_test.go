@@ -76,6 +76,8 @@ type clusterOptions struct {
 	// agentWaitTimeout is agent.kubernetes_api.agent_wait_timeout; zero
 	// keeps the default.
 	agentWaitTimeout time.Duration
+	// acceptTimeout is private_api.accept_timeout; zero keeps the default.
+	acceptTimeout time.Duration
 }
 
 // newCluster starts a redis-server for nodes built from bin with opts; the
@@ -137,11 +139,15 @@ func (c *cluster) startNode(t *testing.T, name string, o nodeOptions) *node {
 		private["key_file"] = o.tls.keyFile
 		private["ca_certificate_file"] = o.tls.caFile
 	}
+	privateAPI := map[string]any{"listen": private}
+	if c.opts.acceptTimeout != 0 {
+		privateAPI["accept_timeout"] = c.opts.acceptTimeout.String()
+	}
 	cfg := map[string]any{
 		"agent":         agentSection,
 		"observability": map[string]any{"listen": loopback()},
 		"api":           map[string]any{"listen": api},
-		"private_api":   map[string]any{"listen": private},
+		"private_api":   privateAPI,
 		"redis": map[string]any{
 			"server": map[string]any{"address": c.redis.Addr()},
 			// Every node listens on 127.0.0.1 of this one machine.

@@ -191,7 +191,7 @@ func NewRedis(opts RedisOptions) (*Redis, error) {
 		errLog:    &errorLog{log: log, msg: "Redis registry operation failed; this node keeps serving its own tunnels and retries", every: errorLogInterval},
 		metrics:   metrics,
 		commands:  commands,
-		cache:     newLookupCache(cacheTTL),
+		cache:     newLookupCache(cacheTTL, ttl),
 		dirty:     map[int64]bool{},
 		nodeDue:   true,
 		waiters:   map[int64]*waitList{},
@@ -255,16 +255,28 @@ func (r *Redis) FindLocal(agentID int64) (Tunnel, bool) { return r.local.FindLoc
 // FindRemote returns, for each other node holding tunnels for the agent, that
 // node's private API URLs, in random order so callers trying them in turn
 // spread the load. The answer is cached for the lookup cache TTL and
-// invalidated when any node announces a change for the agent. The inner
-// slices are shared and must not be modified.
+// invalidated when any node announces a change for the agent. When Redis
+// cannot be read, the error wraps ErrUnavailable and comes with the nodes
+// the last successful lookup found, if any. The inner slices are shared and
+// must not be modified.
 func (r *Redis) FindRemote(ctx context.Context, agentID int64) ([][]string, error) {
 	nodes, err := r.cache.get(ctx, agentID, r.lookup)
-	if err != nil {
+	if len(nodes) == 0 {
 		return nil, err
 	}
 	out := slices.Clone(nodes)
 	rand.Shuffle(len(out), func(i, j int) { out[i], out[j] = out[j], out[i] })
-	return out, nil
+	return out, err
+}
+
+// LastSeen is when this node last knew the agent to have a tunnel: here
+// (see Memory.LastSeen) or, from its lookups, on another node.
+func (r *Redis) LastSeen(agentID int64) time.Time {
+	local, remote := r.local.LastSeen(agentID), r.cache.lastSeen(agentID)
+	if remote.After(local) {
+		return remote
+	}
+	return local
 }
 
 // lookup reads the agent's hash: one HGETALL.
@@ -272,7 +284,10 @@ func (r *Redis) lookup(ctx context.Context, agentID int64) ([][]string, error) {
 	key := r.keys.tunnels(agentID)
 	fields, err := r.client.HGetAll(ctx, key).Result()
 	if err != nil {
-		err = fmt.Errorf("look up agent %d's tunnels in Redis (%s): %w", agentID, key, err)
+		if ctx.Err() != nil {
+			return nil, fmt.Errorf("look up agent %d's tunnels in Redis (%s): %w", agentID, key, ctx.Err())
+		}
+		err = fmt.Errorf("look up agent %d's tunnels in Redis (%s): %w: %w", agentID, key, ErrUnavailable, err)
 		r.reportError("lookup", err)
 		return nil, err
 	}

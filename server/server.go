@@ -159,6 +159,7 @@ func New(cfg *config.Config, opts Options) (_ *Server, err error) {
 		Router:           router,
 		Logger:           s.log,
 		AgentWaitTimeout: cfg.Agent.KubernetesAPI.AgentWaitTimeout.D(),
+		LastSeen:         s.registry.LastSeen,
 		OnAuthorized:     s.usage.Observe,
 	})
 
