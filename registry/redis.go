@@ -65,6 +65,10 @@ const (
 	// minRetry and maxRetry bound the wait before retrying after a Redis error.
 	minRetry = 100 * time.Millisecond
 	maxRetry = 5 * time.Second
+	// subscribeRetryMax bounds the wait before subscribing again: one
+	// connection attempt a second is nothing for Redis, and requests
+	// waiting for an agent are woken only once subscribed.
+	subscribeRetryMax = time.Second
 	// pubsubHealthInterval is how long the subscription may stay silent
 	// before a PING checks it; no answer within as long again means the
 	// connection is dead and is replaced.
@@ -619,9 +623,13 @@ func (r *Redis) writeBatch(ctx context.Context, ids []int64, announce map[int64]
 }
 
 // runSubscriber listens on the channel for other nodes' changes,
-// resubscribing with backoff after a failure.
+// resubscribing with backoff after a failure. The subscription is what
+// wakes requests waiting for an agent, so it is retried at least every
+// subscribeRetryMax; with a Redis Cluster each failure also reloads the
+// slot map, so that after a failover the next try goes to the promoted
+// replica rather than to the dead master.
 func (r *Redis) runSubscriber(ctx context.Context) {
-	retry := backoff{max: maxRetry}
+	retry := backoff{max: subscribeRetryMax}
 	for {
 		subscribed, err := r.listen(ctx)
 		// Announcements may be lost from now until the next subscription.
@@ -631,6 +639,9 @@ func (r *Redis) runSubscriber(ctx context.Context) {
 		}
 		if subscribed {
 			retry.reset()
+		}
+		if cc, ok := r.client.(*redis.ClusterClient); ok {
+			cc.ReloadState(ctx)
 		}
 		r.reportError("subscribe", fmt.Errorf("receive from Redis channel %s: %w", r.keys.events, err))
 		select {
