@@ -130,6 +130,19 @@ func (p *kasProcess) waitLog(t *testing.T, msg string, fields ...string) map[str
 	return found
 }
 
+// findLog returns the first log line with msg whose field key starts with
+// prefix, or nil.
+func (p *kasProcess) findLog(msg, key, prefix string) map[string]any {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, l := range p.lines {
+		if v, ok := l[key].(string); ok && l["msg"] == msg && strings.HasPrefix(v, prefix) {
+			return l
+		}
+	}
+	return nil
+}
+
 // count counts the log lines with msg whose other fields are as given.
 func (p *kasProcess) count(msg string, fields ...string) int {
 	p.mu.Lock()
