@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs the system programs the tests start: redis-server (multi-node
-# registry, ACME storage; Sentinel too), redis-cli (from redis-tools: creates
-# the Redis Cluster of the failover tests), iproute2 (network-namespace tests) and pebble (a
-# local ACME server). Needs root (apt-get); skips what is already installed.
+# registry, ACME storage; Sentinel too), redis-cli (redis-tools: it creates
+# the Redis Cluster of the failover tests), iproute2 (network-namespace
+# tests) and pebble (a local ACME server). Needs root (apt-get); skips what
+# is already installed.
 set -euo pipefail
 need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
