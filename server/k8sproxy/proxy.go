@@ -177,7 +177,9 @@ const recentlyGone = 5 * time.Second
 // could not be read, or the agent did not connect within the wait.
 func (h *Handler) routeFailed(w http.ResponseWriter, log *slog.Logger, agentID int64, arrived time.Time, err error) {
 	if errors.Is(err, registry.ErrUnavailable) {
-		log.Warn("Cannot look up the agent's tunnels: the agent registry is unavailable", "agent_id", agentID, "error", err.Error())
+		// The registry logs the outage itself, once in a while; this is
+		// the request's line.
+		log.Info("Cannot look up the agent's tunnels: the agent registry is unavailable", "agent_id", agentID, "error", err.Error())
 		kubestatus.Write(w, http.StatusServiceUnavailable, kubestatus.ReasonServiceUnavailable,
 			fmt.Sprintf("kas cannot find agent %d's tunnel: %v; this is kas's problem, not the agent's (see kas's logs)", agentID, registry.ErrUnavailable))
 		return
@@ -256,7 +258,7 @@ func (h *Handler) proxyError(w http.ResponseWriter, r *http.Request, err error) 
 	case errors.Is(err, registry.ErrUnavailable):
 		// The registry could not be read, and the nodes it last named no
 		// longer hold the agent.
-		log.Warn("Agent's last known tunnels went away while the agent registry is unavailable", "error", err.Error())
+		log.Info("Agent's last known tunnels went away while the agent registry is unavailable", "error", err.Error())
 		kubestatus.Write(w, http.StatusServiceUnavailable, kubestatus.ReasonServiceUnavailable,
 			fmt.Sprintf("kas cannot find agent %d's tunnel: %v, and the kas nodes that last held it no longer do", rt.auth.AgentID, registry.ErrUnavailable))
 	case errors.Is(err, registry.ErrNoTunnel):
