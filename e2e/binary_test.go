@@ -107,18 +107,11 @@ func (p *kasProcess) waitLog(t *testing.T, msg string, fields ...string) map[str
 	eventually(t, func() bool {
 		p.mu.Lock()
 		defer p.mu.Unlock()
-	lines:
 		for _, l := range p.lines {
-			if l["msg"] != msg {
-				continue
+			if logMatches(l, msg, fields) {
+				found = l
+				return true
 			}
-			for i := 0; i+1 < len(fields); i += 2 {
-				if l[fields[i]] != fields[i+1] {
-					continue lines
-				}
-			}
-			found = l
-			return true
 		}
 		select {
 		case <-p.exited:
@@ -148,19 +141,26 @@ func (p *kasProcess) count(msg string, fields ...string) int {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	n := 0
-lines:
 	for _, l := range p.lines {
-		if l["msg"] != msg {
-			continue
+		if logMatches(l, msg, fields) {
+			n++
 		}
-		for i := 0; i+1 < len(fields); i += 2 {
-			if l[fields[i]] != fields[i+1] {
-				continue lines
-			}
-		}
-		n++
 	}
 	return n
+}
+
+// logMatches says whether a log line has msg and the fields (key, value
+// pairs).
+func logMatches(l map[string]any, msg string, fields []string) bool {
+	if l["msg"] != msg {
+		return false
+	}
+	for i := 0; i+1 < len(fields); i += 2 {
+		if l[fields[i]] != fields[i+1] {
+			return false
+		}
+	}
+	return true
 }
 
 func (p *kasProcess) address(t *testing.T, listener string) string {

@@ -2,10 +2,10 @@ package registry
 
 import (
 	"context"
-	"io"
-	"net"
 	"crypto/tls"
 	"crypto/x509"
+	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"

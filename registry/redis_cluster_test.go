@@ -2,11 +2,9 @@ package registry
 
 import (
 	"context"
-	"log/slog"
 	"testing"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
 	"github.com/redis/go-redis/v9"
 
 	"github.com/kasproject/kas/internal/redistest"
@@ -24,26 +22,7 @@ func newClusterNode(t *testing.T, rc *redistest.Cluster, name string) *testNode 
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = client.Close() })
-	n := &testNode{client: client, prom: prometheus.NewRegistry(), url: "grpc://" + name + ":8155"}
-	opts := RedisOptions{
-		Client:     client,
-		KeyPrefix:  testPrefix,
-		NodeURLs:   []string{n.url},
-		Registerer: n.prom,
-		Logger:     slog.New(slog.NewTextHandler(testWriter{t, name}, nil)),
-	}
-	quiet(&opts)
-	r, err := NewRedis(opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	n.Redis = r
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		_ = r.Close(ctx)
-	})
-	return n
+	return newNodeWithClient(t, client, name)
 }
 
 // TestRedisClusterWakesWaiters: on a Redis Cluster, a node waiting for an

@@ -54,7 +54,13 @@ type testNode struct {
 // newNode starts a registry named name (its URL is grpc://name:8155) on srv.
 func newNode(t *testing.T, srv *redistest.Server, name string, configure ...func(*RedisOptions)) *testNode {
 	t.Helper()
-	n := &testNode{client: newClient(t, srv), prom: prometheus.NewRegistry(), url: "grpc://" + name + ":8155"}
+	return newNodeWithClient(t, newClient(t, srv), name, configure...)
+}
+
+// newNodeWithClient starts a registry named name with its own client.
+func newNodeWithClient(t *testing.T, client redis.UniversalClient, name string, configure ...func(*RedisOptions)) *testNode {
+	t.Helper()
+	n := &testNode{client: client, prom: prometheus.NewRegistry(), url: "grpc://" + name + ":8155"}
 	opts := RedisOptions{
 		Client:     n.client,
 		KeyPrefix:  testPrefix,
