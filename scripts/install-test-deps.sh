@@ -2,14 +2,15 @@
 # Installs the system programs the tests start: redis-server (multi-node
 # registry, ACME storage; Sentinel too), redis-cli (redis-tools: it creates
 # the Redis Cluster of the failover tests), iproute2 (network-namespace
-# tests) and pebble (a local ACME server). Needs root (apt-get); skips what
-# is already installed.
+# tests), pebble (a local ACME server) and chromium (the status page's
+# browser tests). Needs root (apt-get); skips what is already installed.
 set -euo pipefail
 need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || need+=(redis-tools)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v pebble >/dev/null 2>&1 || need+=(pebble)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
