@@ -9,13 +9,11 @@ import (
 	"reflect"
 	"strings"
 	"testing"
-	"time"
 
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/kasproject/kas/protocol"
-	"github.com/kasproject/kas/server/config"
 )
 
 // countRequests counts the requests to path that reached the cluster.
@@ -307,38 +305,5 @@ func TestUnknownAgentIsNotFound(t *testing.T) {
 	}
 	if n := len(e.kube.Requests()); n != 1 { // agentk's own /version at start-up
 		t.Errorf("%d requests reached the cluster, want only agentk's start-up", n)
-	}
-}
-
-func TestAgentNotConnectedIsUnavailableAfterWaiting(t *testing.T) {
-	t.Parallel()
-	const wait = 500 * time.Millisecond
-	e := newEnv(t, func(c *config.Config) { c.Agent.KubernetesAPI.AgentWaitTimeout = config.Duration(wait) })
-
-	start := time.Now()
-	resp := e.do(t, http.MethodGet, "/api/v1/namespaces", pat(asAgent.id, alicePAT), nil, nil)
-	st := expectStatus(t, resp, http.StatusServiceUnavailable, metav1.StatusReasonServiceUnavailable)
-	took := time.Since(start)
-	if took < wait {
-		t.Errorf("answered after %s, before waiting agent_wait_timeout (%s) for the agent", took, wait)
-	}
-	if took > wait+10*time.Second {
-		t.Errorf("answered after %s: the wait is not bounded by agent_wait_timeout (%s)", took, wait)
-	}
-	if resp.Header.Get("Retry-After") == "" {
-		t.Error("no Retry-After")
-	}
-	if !strings.Contains(st.Message, fmt.Sprintf("agent %d is not connected", asAgent.id)) {
-		t.Errorf("message %q does not say which agent is not connected", st.Message)
-	}
-
-	// client-go sees a ServiceUnavailable error. (Left to itself it would
-	// retry after Retry-After, which is the point of sending it.)
-	cs := e.clientset(t, pat(asAgent.id, alicePAT))
-	ctx, cancel := context.WithTimeout(context.Background(), waitFor)
-	defer cancel()
-	err := cs.CoreV1().RESTClient().Get().Resource("namespaces").MaxRetries(0).Do(ctx).Error()
-	if !apierrors.IsServiceUnavailable(err) {
-		t.Errorf("client-go got %v, want ServiceUnavailable", err)
 	}
 }

@@ -108,18 +108,11 @@ func (p *kasProcess) waitLog(t *testing.T, msg string, fields ...string) map[str
 	eventually(t, func() bool {
 		p.mu.Lock()
 		defer p.mu.Unlock()
-	lines:
 		for _, l := range p.lines {
-			if l["msg"] != msg {
-				continue
+			if logMatches(l, msg, fields) {
+				found = l
+				return true
 			}
-			for i := 0; i+1 < len(fields); i += 2 {
-				if l[fields[i]] != fields[i+1] {
-					continue lines
-				}
-			}
-			found = l
-			return true
 		}
 		select {
 		case <-p.exited:
@@ -129,6 +122,46 @@ func (p *kasProcess) waitLog(t *testing.T, msg string, fields ...string) map[str
 		return false
 	}, func() string { return fmt.Sprintf("kas did not log %q %v", msg, fields) })
 	return found
+}
+
+// findLog returns the first log line with msg whose field key starts with
+// prefix, or nil.
+func (p *kasProcess) findLog(msg, key, prefix string) map[string]any {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, l := range p.lines {
+		if v, ok := l[key].(string); ok && l["msg"] == msg && strings.HasPrefix(v, prefix) {
+			return l
+		}
+	}
+	return nil
+}
+
+// count counts the log lines with msg whose other fields are as given.
+func (p *kasProcess) count(msg string, fields ...string) int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	n := 0
+	for _, l := range p.lines {
+		if logMatches(l, msg, fields) {
+			n++
+		}
+	}
+	return n
+}
+
+// logMatches says whether a log line has msg and the fields (key, value
+// pairs).
+func logMatches(l map[string]any, msg string, fields []string) bool {
+	if l["msg"] != msg {
+		return false
+	}
+	for i := 0; i+1 < len(fields); i += 2 {
+		if l[fields[i]] != fields[i+1] {
+			return false
+		}
+	}
+	return true
 }
 
 func (p *kasProcess) address(t *testing.T, listener string) string {

@@ -45,17 +45,20 @@ const (
 	redisTunnelsKeyPrefix = "gitlab-kas:tunnels:"
 )
 
-// cluster is several kas processes sharing one redis-server, run as an
-// administrator would run them: each node has its own configuration file
+// cluster is several kas processes sharing one redis-server (or a Redis
+// Cluster, or a Sentinel-managed primary), run as an administrator would run
+// them: each node has its own configuration file
 // and kernel-chosen ports, all share the private API secret and the API
 // secret, and each publishes its private API URL in Redis.
 type cluster struct {
-	bin   string
-	dir   string
-	opts  clusterOptions
+	bin  string
+	dir  string
+	opts clusterOptions
+	// redis is the one redis-server, unless opts name a Redis Cluster or a
+	// Sentinel.
 	redis *redistest.Server
 	// inspect reads what the nodes wrote to Redis.
-	inspect *redis.Client
+	inspect redis.UniversalClient
 
 	privateSecret     []byte
 	privateSecretFile string
@@ -76,18 +79,34 @@ type clusterOptions struct {
 	// agentWaitTimeout is agent.kubernetes_api.agent_wait_timeout; zero
 	// keeps the default.
 	agentWaitTimeout time.Duration
+	// acceptTimeout is private_api.accept_timeout; zero keeps the default.
+	acceptTimeout time.Duration
+	// redisCluster or sentinel, if set, is the Redis the nodes use
+	// (redis.cluster, redis.sentinel) instead of a redis-server of their own.
+	redisCluster *redistest.Cluster
+	sentinel     *redistest.Sentinel
 }
 
 // newCluster starts a redis-server for nodes built from bin with opts; the
 // nodes themselves are started by startNode.
 func newCluster(t *testing.T, bin string, opts clusterOptions) *cluster {
 	t.Helper()
-	c := &cluster{bin: bin, dir: t.TempDir(), opts: opts, redis: redistest.Start(t)}
+	c := &cluster{bin: bin, dir: t.TempDir(), opts: opts}
 	c.privateSecret, c.privateSecretFile = writeSecret(t)
 	if c.opts.apiSecretFile == "" {
 		c.opts.apiSecret, c.opts.apiSecretFile = writeSecret(t)
 	}
-	c.inspect = redis.NewClient(&redis.Options{Addr: c.redis.Addr(), MaxRetries: -1})
+	switch {
+	case opts.redisCluster != nil:
+		c.inspect = redis.NewClusterClient(&redis.ClusterOptions{Addrs: opts.redisCluster.Addrs(), MaxRetries: -1})
+	case opts.sentinel != nil:
+		c.inspect = redis.NewFailoverClient(&redis.FailoverOptions{
+			MasterName: opts.sentinel.MasterName(), SentinelAddrs: []string{opts.sentinel.Addr()}, MaxRetries: -1,
+		})
+	default:
+		c.redis = redistest.Start(t)
+		c.inspect = redis.NewClient(&redis.Options{Addr: c.redis.Addr(), MaxRetries: -1})
+	}
 	t.Cleanup(func() { _ = c.inspect.Close() })
 	return c
 }
@@ -137,16 +156,16 @@ func (c *cluster) startNode(t *testing.T, name string, o nodeOptions) *node {
 		private["key_file"] = o.tls.keyFile
 		private["ca_certificate_file"] = o.tls.caFile
 	}
+	privateAPI := map[string]any{"listen": private}
+	if c.opts.acceptTimeout != 0 {
+		privateAPI["accept_timeout"] = c.opts.acceptTimeout.String()
+	}
 	cfg := map[string]any{
 		"agent":         agentSection,
 		"observability": map[string]any{"listen": loopback()},
 		"api":           map[string]any{"listen": api},
-		"private_api":   map[string]any{"listen": private},
-		"redis": map[string]any{
-			"server": map[string]any{"address": c.redis.Addr()},
-			// Every node listens on 127.0.0.1 of this one machine.
-			"allow_loopback_private_api": true,
-		},
+		"private_api":   privateAPI,
+		"redis":         c.redisSection(),
 	}
 	if c.opts.gitlabURL != "" {
 		cfg["gitlab"] = map[string]any{"address": c.opts.gitlabURL, "authentication_secret_file": c.opts.apiSecretFile}
@@ -174,6 +193,23 @@ func (c *cluster) startNode(t *testing.T, name string, o nodeOptions) *node {
 	}
 	n.url = st.NodeURLs[0]
 	return n
+}
+
+// redisSection is the nodes' redis configuration.
+func (c *cluster) redisSection() map[string]any {
+	section := map[string]any{
+		// Every node listens on 127.0.0.1 of this one machine.
+		"allow_loopback_private_api": true,
+	}
+	switch {
+	case c.opts.redisCluster != nil:
+		section["cluster"] = map[string]any{"addresses": c.opts.redisCluster.Addrs()}
+	case c.opts.sentinel != nil:
+		section["sentinel"] = map[string]any{"master_name": c.opts.sentinel.MasterName(), "addresses": []string{c.opts.sentinel.Addr()}}
+	default:
+		section["server"] = map[string]any{"address": c.redis.Addr()}
+	}
+	return section
 }
 
 // kill ends the node with SIGKILL: it cleans nothing up.

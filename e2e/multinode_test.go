@@ -524,27 +524,44 @@ func testGRPCS(t *testing.T, bin string) {
 	}
 
 	// The misnamed node checks the holder's certificate for wrong.internal.
-	ctx, cancel := context.WithTimeout(context.Background(), waitFor)
-	defer cancel()
-	resp, err := get(ctx, e, misnamed, "/version", cred)
-	if err != nil {
-		t.Fatalf("through %s: %v", misnamed.name, err)
+	// The caller is told that kas failed, and how (not that the agent is
+	// not connected), every time; the log says it once.
+	for range 3 {
+		ctx, cancel := context.WithTimeout(context.Background(), waitFor)
+		resp, err := get(ctx, e, misnamed, "/version", cred)
+		if err != nil {
+			cancel()
+			t.Fatalf("through %s: %v", misnamed.name, err)
+		}
+		st := expectStatus(t, resp, http.StatusBadGateway, metav1.StatusReasonInternalError)
+		_ = resp.Body.Close()
+		cancel()
+		for _, want := range []string{"kas cannot reach agent 1: the kas node holding its tunnel is unreachable: " + holder.url,
+			"TLS name mismatch: certificate is valid for kas.internal, not wrong.internal", "OWN_PRIVATE_API_HOST"} {
+			if !strings.Contains(st.Message, want) {
+				t.Errorf("the caller was told %q, want it to say %q", st.Message, want)
+			}
+		}
 	}
-	defer resp.Body.Close()
-	expectUnavailable(t, resp)
-	line := misnamed.proc.waitLog(t, "kas node unreachable over the private API; trying the next one")
-	logged, _ := line["error"].(string)
+	const unreachable = "kas node unreachable over the private API; skipping it for a while"
+	line := misnamed.proc.waitLog(t, unreachable)
+	logged, _ := line["cause"].(string)
 	for _, want := range []string{"certificate is valid for kas.internal, not wrong.internal", "OWN_PRIVATE_API_HOST"} {
 		if !strings.Contains(logged, want) {
 			t.Errorf("the misnamed node logged %q, want it to say %q", logged, want)
 		}
 	}
+	if n := misnamed.proc.count(unreachable, "level", "WARN"); n != 1 {
+		t.Errorf("the misnamed node warned %d times, want once per cause", n)
+	}
 }
 
 // testRedisRestart stops Redis under running nodes and starts it again,
-// empty: the node holding a tunnel serves it meanwhile, then writes its
-// records again within one refresh period, so the other node reaches the
-// agent again.
+// empty: the node holding a tunnel serves it meanwhile, the other node
+// reaches the agents it had looked up through their last known node
+// (stale-while-error) and says that the registry is unavailable for the
+// others, then the holder writes its records again within one refresh
+// period, so the other node reaches every agent again.
 func testRedisRestart(t *testing.T, bin string) {
 	const refresh = 2 * time.Second
 	// slack allows for the write itself and for scheduling on a busy machine.
@@ -555,15 +572,17 @@ func testRedisRestart(t *testing.T, bin string) {
 		redisTTL:         3 * refresh,
 		redisRefresh:     refresh,
 		redisGC:          refresh,
-		agentWaitTimeout: time.Second,
+		agentWaitTimeout: 5 * time.Second,
 	})
 	holder, other := c.startNode(t, "kas-1", nodeOptions{}), c.startNode(t, "kas-2", nodeOptions{})
 	nodes := []*node{holder, other}
 	f := newFleet(t, e)
 	f.connect(t, asAgent, holder, e.kubeServer.URL, nodes)
+	f.connect(t, asImpersonate, holder, e.kubeServer.URL, nodes)
 	holderID := c.nodeID(t, holder)
 	tunnelsKey := fmt.Sprintf("%s%d", redisTunnelsKeyPrefix, asAgent.id)
 	cred := pat(asAgent.id, alicePAT)
+	// The other node has looked up agent 1, not agent 2.
 	if err := listNamespaces(t, e, other, cred); err != nil {
 		t.Fatal(err)
 	}
@@ -577,17 +596,34 @@ func testRedisRestart(t *testing.T, bin string) {
 	if err := listNamespaces(t, e, holder, cred); err != nil {
 		t.Fatalf("the holder without Redis: %v", err)
 	}
-	// The other node cannot look the agent up: it says so.
+	// The other node still reaches agent 1 where it last found it.
+	start := time.Now()
+	if err := listNamespaces(t, e, other, cred); err != nil {
+		t.Fatalf("through %s without Redis, an agent it had looked up: %v", other.name, err)
+	}
+	t.Logf("through %s without Redis, an agent it had looked up: served in %s", other.name, time.Since(start).Round(time.Millisecond))
+	// Agent 2 it cannot look up: it says so at once, and does not blame the
+	// agent.
 	ctx, cancel := context.WithTimeout(context.Background(), waitFor)
 	defer cancel()
-	start := time.Now()
-	resp, err := get(ctx, e, other, "/version", cred)
+	start = time.Now()
+	resp, err := get(ctx, e, other, "/version", ciJob(asImpersonate.id, jobToken))
 	if err != nil {
 		t.Fatalf("through %s without Redis: %v", other.name, err)
 	}
-	expectUnavailable(t, resp)
+	st := expectStatus(t, resp, http.StatusServiceUnavailable, metav1.StatusReasonServiceUnavailable)
 	_ = resp.Body.Close()
-	t.Logf("through %s without Redis: refused in %s", other.name, time.Since(start).Round(time.Millisecond))
+	took := time.Since(start)
+	t.Logf("through %s without Redis, an agent it had not looked up: %d %q in %s", other.name, st.Code, st.Message, took.Round(time.Millisecond))
+	if want := "the agent registry (Redis) is unavailable"; !strings.Contains(st.Message, want) || strings.Contains(st.Message, "not connected") {
+		t.Errorf("the caller was told %q, want it to say %q and not blame the agent", st.Message, want)
+	}
+	if resp.Header.Get("Retry-After") != "" {
+		t.Errorf("Retry-After %q for a registry outage, want none", resp.Header.Get("Retry-After"))
+	}
+	if took >= 5*time.Second {
+		t.Errorf("answered after %s: it waited for the agent although it could not look", took)
+	}
 
 	c.redis.Restart()
 	back := time.Now()
@@ -598,7 +634,7 @@ func testRedisRestart(t *testing.T, bin string) {
 	}, func() string {
 		return fmt.Sprintf("Redis hash %s has fields %v, want the holder's %s", tunnelsKey, fields, holderID)
 	})
-	took := time.Since(back)
+	took = time.Since(back)
 	if took > refresh+slack {
 		t.Errorf("the holder wrote its record %s after Redis came back, want within one refresh period (%s)", took, refresh)
 	}

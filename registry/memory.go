@@ -5,7 +5,14 @@ import (
 	"context"
 	"slices"
 	"sync"
+	"time"
 )
+
+// departureMemory is how long Memory remembers when an agent's last tunnel
+// went away (LastSeen): long enough to tell an agent that is reconnecting
+// from one that is gone, short enough that agents that never come back do
+// not accumulate.
+const departureMemory = 10 * time.Minute
 
 // Memory is the registry of a single node: it knows only this node's tunnels.
 // It is also the local half of the Redis registry.
@@ -13,6 +20,9 @@ type Memory struct {
 	mu      sync.Mutex
 	agents  map[int64]*agentTunnels
 	waiters map[int64]*waitList
+	// departed holds when each agent's last tunnel here went away, for
+	// departureMemory.
+	departed map[int64]time.Time
 }
 
 type agentTunnels struct {
@@ -28,7 +38,7 @@ type waitList struct {
 
 // NewMemory returns an empty in-memory registry.
 func NewMemory() *Memory {
-	return &Memory{agents: map[int64]*agentTunnels{}, waiters: map[int64]*waitList{}}
+	return &Memory{agents: map[int64]*agentTunnels{}, waiters: map[int64]*waitList{}, departed: map[int64]time.Time{}}
 }
 
 // Register records t and wakes requests waiting for its agent.
@@ -42,6 +52,7 @@ func (m *Memory) Register(_ context.Context, t Tunnel) error {
 		m.agents[id] = at
 	}
 	at.tunnels = append(at.tunnels, t)
+	delete(m.departed, id)
 	if w := m.waiters[id]; w != nil {
 		close(w.ready)
 		delete(m.waiters, id)
@@ -61,8 +72,29 @@ func (m *Memory) Unregister(_ context.Context, t Tunnel) error {
 	at.tunnels = slices.DeleteFunc(at.tunnels, func(x Tunnel) bool { return x == t })
 	if len(at.tunnels) == 0 {
 		delete(m.agents, id)
+		now := time.Now()
+		for other, gone := range m.departed {
+			if now.Sub(gone) > departureMemory {
+				delete(m.departed, other)
+			}
+		}
+		m.departed[id] = now
 	}
 	return nil
+}
+
+// LastSeen is now while the agent has a tunnel here, or when its last one
+// went away (remembered for departureMemory); otherwise the zero time.
+func (m *Memory) LastSeen(agentID int64) time.Time {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.agents[agentID] != nil {
+		return time.Now()
+	}
+	if gone, ok := m.departed[agentID]; ok && time.Since(gone) <= departureMemory {
+		return gone
+	}
+	return time.Time{}
 }
 
 // FindLocal returns the agent's tunnels in turn.

@@ -136,3 +136,33 @@ func TestMemoryWaitForAgent(t *testing.T) {
 		t.Fatalf("%d wait lists left after the waiter gave up", left)
 	}
 }
+
+// TestMemoryLastSeen: now while connected, the departure afterwards, never
+// for an agent that was not connected.
+func TestMemoryLastSeen(t *testing.T) {
+	ctx := context.Background()
+	m := NewMemory()
+	if seen := m.LastSeen(1); !seen.IsZero() {
+		t.Fatalf("never connected: LastSeen = %v, want zero", seen)
+	}
+	a, b := tun(1, 1), tun(1, 2)
+	_ = m.Register(ctx, a)
+	_ = m.Register(ctx, b)
+	if seen := m.LastSeen(1); time.Since(seen) > time.Second {
+		t.Fatalf("connected: LastSeen = %v, want now", seen)
+	}
+	_ = m.Unregister(ctx, a)
+	if seen := m.LastSeen(1); time.Since(seen) > time.Second {
+		t.Fatalf("one replica left: LastSeen = %v, want now", seen)
+	}
+	before := time.Now()
+	_ = m.Unregister(ctx, b)
+	time.Sleep(10 * time.Millisecond)
+	if seen := m.LastSeen(1); seen.Before(before) || time.Since(seen) < 10*time.Millisecond {
+		t.Fatalf("gone: LastSeen = %v, want the departure at %v", seen, before)
+	}
+	_ = m.Register(ctx, a)
+	if _, ok := m.departed[1]; ok {
+		t.Fatal("the departure is still remembered after the agent came back")
+	}
+}

@@ -65,6 +65,13 @@ const (
 	// minRetry and maxRetry bound the wait before retrying after a Redis error.
 	minRetry = 100 * time.Millisecond
 	maxRetry = 5 * time.Second
+	// waitRetry is how soon a request waiting for an agent looks again
+	// after a lookup failed.
+	waitRetry = time.Second
+	// subscribeRetryMax bounds the wait before subscribing again: one
+	// connection attempt a second is nothing for Redis, and requests
+	// waiting for an agent are woken only once subscribed.
+	subscribeRetryMax = time.Second
 	// pubsubHealthInterval is how long the subscription may stay silent
 	// before a PING checks it; no answer within as long again means the
 	// connection is dead and is replaced.
@@ -191,7 +198,7 @@ func NewRedis(opts RedisOptions) (*Redis, error) {
 		errLog:    &errorLog{log: log, msg: "Redis registry operation failed; this node keeps serving its own tunnels and retries", every: errorLogInterval},
 		metrics:   metrics,
 		commands:  commands,
-		cache:     newLookupCache(cacheTTL),
+		cache:     newLookupCache(cacheTTL, ttl),
 		dirty:     map[int64]bool{},
 		nodeDue:   true,
 		waiters:   map[int64]*waitList{},
@@ -255,16 +262,28 @@ func (r *Redis) FindLocal(agentID int64) (Tunnel, bool) { return r.local.FindLoc
 // FindRemote returns, for each other node holding tunnels for the agent, that
 // node's private API URLs, in random order so callers trying them in turn
 // spread the load. The answer is cached for the lookup cache TTL and
-// invalidated when any node announces a change for the agent. The inner
-// slices are shared and must not be modified.
+// invalidated when any node announces a change for the agent. When Redis
+// cannot be read, the error wraps ErrUnavailable and comes with the nodes
+// the last successful lookup found, if any. The inner slices are shared and
+// must not be modified.
 func (r *Redis) FindRemote(ctx context.Context, agentID int64) ([][]string, error) {
 	nodes, err := r.cache.get(ctx, agentID, r.lookup)
-	if err != nil {
+	if len(nodes) == 0 {
 		return nil, err
 	}
 	out := slices.Clone(nodes)
 	rand.Shuffle(len(out), func(i, j int) { out[i], out[j] = out[j], out[i] })
-	return out, nil
+	return out, err
+}
+
+// LastSeen is when this node last knew the agent to have a tunnel: here
+// (see Memory.LastSeen) or, from its lookups, on another node.
+func (r *Redis) LastSeen(agentID int64) time.Time {
+	local, remote := r.local.LastSeen(agentID), r.cache.lastSeen(agentID)
+	if remote.After(local) {
+		return remote
+	}
+	return local
 }
 
 // lookup reads the agent's hash: one HGETALL.
@@ -272,7 +291,10 @@ func (r *Redis) lookup(ctx context.Context, agentID int64) ([][]string, error) {
 	key := r.keys.tunnels(agentID)
 	fields, err := r.client.HGetAll(ctx, key).Result()
 	if err != nil {
-		err = fmt.Errorf("look up agent %d's tunnels in Redis (%s): %w", agentID, key, err)
+		if ctx.Err() != nil {
+			return nil, fmt.Errorf("look up agent %d's tunnels in Redis (%s): %w", agentID, key, ctx.Err())
+		}
+		err = fmt.Errorf("look up agent %d's tunnels in Redis (%s): %w: %w", agentID, key, ErrUnavailable, err)
 		r.reportError("lookup", err)
 		return nil, err
 	}
@@ -302,15 +324,24 @@ func (r *Redis) WaitForAgent(ctx context.Context, agentID int64) error {
 			return nil
 		}
 		// A Redis error is not the caller's failure: keep waiting, as the
-		// node announces its tunnels again once Redis is back.
-		if nodes, err := r.FindRemote(ctx, agentID); err == nil && len(nodes) > 0 {
+		// node announces its tunnels again once Redis is back, and look
+		// again now and then: an announcement that came while the lookup
+		// failed has been spent.
+		nodes, err := r.FindRemote(ctx, agentID)
+		if err == nil && len(nodes) > 0 {
 			r.removeWaiter(agentID, w)
 			return nil
+		}
+		var retry <-chan time.Time
+		if err != nil {
+			retry = time.After(waitRetry) // collected once it fires or is dropped
 		}
 		select {
 		case <-w.ready:
 			// Something changed for the agent: look again, as it may
 			// have been a tunnel going away.
+		case <-retry:
+			r.removeWaiter(agentID, w)
 		case <-ctx.Done():
 			r.removeWaiter(agentID, w)
 			return ctx.Err()
@@ -457,12 +488,21 @@ func (r *Redis) Close(ctx context.Context) error {
 		withdraw[info.AgentID] = struct{}{}
 	}
 	pipe := r.client.Pipeline()
+	ids := make([]int64, 0, len(withdraw))
 	for id := range withdraw {
 		pipe.HDel(ctx, r.keys.tunnels(id), r.nodeID)
-		pipe.Publish(ctx, r.keys.events, strconv.FormatInt(id, 10))
+		ids = append(ids, id)
 	}
 	pipe.HDel(ctx, r.keys.nodes, r.nodeID)
-	if _, err := pipe.Exec(ctx); err != nil {
+	_, err := pipe.Exec(ctx)
+	if err == nil {
+		announce := make(map[int64]bool, len(ids))
+		for _, id := range ids {
+			announce[id] = true
+		}
+		err = r.announce(ctx, ids, announce)
+	}
+	if err != nil {
 		r.metrics.errors.WithLabelValues("close").Inc()
 		return fmt.Errorf("remove this node's records from Redis (they expire by themselves within %s): %w", r.ttl, err)
 	}
@@ -595,12 +635,12 @@ func (r *Redis) writeBatch(ctx context.Context, ids []int64, announce map[int64]
 		} else {
 			pipe.HDel(ctx, key, r.nodeID)
 		}
-		if announce[id] {
-			pipe.Publish(ctx, r.keys.events, strconv.FormatInt(id, 10))
-		}
 	}
 	if _, err := pipe.Exec(ctx); err != nil {
 		return fmt.Errorf("write this node's records to Redis: %w", err)
+	}
+	if err := r.announce(ctx, ids, announce); err != nil {
+		return err
 	}
 	for i, id := range ids {
 		if !held[i] {
@@ -613,10 +653,35 @@ func (r *Redis) writeBatch(ctx context.Context, ids []int64, announce map[int64]
 	return nil
 }
 
+// announce publishes the changes of the agents announce marks, after
+// their records are written: in a Redis Cluster a pipeline's commands go
+// to their slots' masters in parallel, so a PUBLISH sent with the writes
+// could wake another node's waiting request before the record it should
+// find is there.
+func (r *Redis) announce(ctx context.Context, ids []int64, announce map[int64]bool) error {
+	pipe := r.client.Pipeline()
+	for _, id := range ids {
+		if announce[id] {
+			pipe.Publish(ctx, r.keys.events, strconv.FormatInt(id, 10))
+		}
+	}
+	if pipe.Len() == 0 {
+		return nil
+	}
+	if _, err := pipe.Exec(ctx); err != nil {
+		return fmt.Errorf("announce this node's changes on Redis channel %s: %w", r.keys.events, err)
+	}
+	return nil
+}
+
 // runSubscriber listens on the channel for other nodes' changes,
-// resubscribing with backoff after a failure.
+// resubscribing with backoff after a failure. The subscription is what
+// wakes requests waiting for an agent, so it is retried at least every
+// subscribeRetryMax; with a Redis Cluster each failure also reloads the
+// slot map, so that after a failover the next try goes to the promoted
+// replica rather than to the dead master.
 func (r *Redis) runSubscriber(ctx context.Context) {
-	retry := backoff{max: maxRetry}
+	retry := backoff{max: subscribeRetryMax}
 	for {
 		subscribed, err := r.listen(ctx)
 		// Announcements may be lost from now until the next subscription.
@@ -626,6 +691,9 @@ func (r *Redis) runSubscriber(ctx context.Context) {
 		}
 		if subscribed {
 			retry.reset()
+		}
+		if cc, ok := r.client.(*redis.ClusterClient); ok {
+			cc.ReloadState(ctx)
 		}
 		r.reportError("subscribe", fmt.Errorf("receive from Redis channel %s: %w", r.keys.events, err))
 		select {
@@ -940,20 +1008,50 @@ func (e *errorLog) hadErrors() bool {
 	return !e.last.IsZero()
 }
 
-// RedisClientLogger takes go-redis's own log lines (a dial failure each time
-// the client tries to reconnect, for instance) into slog, at most one per
-// errorLogInterval so an outage does not flood the log. go-redis has one
-// logger per process: install it at start-up with redis.SetLogger.
-type RedisClientLogger struct{ errLog *errorLog }
+// RedisClientLogger takes go-redis's own log lines into slog. go-redis has
+// one Printf for everything, so the level comes from the message: the
+// lines that report normal events (a Sentinel naming the primary, a new
+// primary after a failover, slots moving) are information; everything else
+// is a failure, logged at ERROR at most once per errorLogInterval so an
+// outage does not flood the log (and hide other errors on the status
+// page). go-redis has one logger per process: install it at start-up with
+// redis.SetLogger.
+type RedisClientLogger struct {
+	log    *slog.Logger
+	errLog *errorLog
+}
 
 // NewRedisClientLogger returns a go-redis logger writing to log.
 func NewRedisClientLogger(log *slog.Logger) *RedisClientLogger {
-	return &RedisClientLogger{&errorLog{log: log, msg: "Redis client error", every: errorLogInterval}}
+	return &RedisClientLogger{log: log, errLog: &errorLog{log: log, msg: "Redis client error", every: errorLogInterval}}
 }
 
-// Printf logs one go-redis message, unless one was logged recently.
-func (l *RedisClientLogger) Printf(_ context.Context, format string, v ...any) {
-	l.errLog.report("client", errors.New(fmt.Sprintf(format, v...)))
+// redisClientEvents are the beginnings of go-redis's messages about normal
+// events, with the level they are logged at.
+var redisClientEvents = []struct {
+	prefix string
+	level  slog.Level
+}{
+	{"sentinel: selected addr=", slog.LevelInfo},
+	{"sentinel: new master=", slog.LevelInfo},
+	{"sentinel: discovered new sentinel=", slog.LevelInfo},
+	{"sentinel: ignore addr for master=", slog.LevelDebug},
+	{"cluster: slots ", slog.LevelInfo},
+	{"pubsub: reconnecting to new endpoint", slog.LevelInfo},
+	{"ring shard state changed", slog.LevelInfo},
+}
+
+// Printf logs one go-redis message at its level; a failure is skipped if
+// one was logged recently.
+func (l *RedisClientLogger) Printf(ctx context.Context, format string, v ...any) {
+	msg := fmt.Sprintf(format, v...)
+	for _, e := range redisClientEvents {
+		if strings.HasPrefix(msg, e.prefix) {
+			l.log.Log(ctx, e.level, "Redis client", "event", msg)
+			return
+		}
+	}
+	l.errLog.report("client", errors.New(msg))
 }
 
 // commandCounter is a go-redis hook counting the commands sent.

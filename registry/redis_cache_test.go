@@ -49,7 +49,7 @@ func TestLookupCache(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			c := newLookupCache(tc.ttl)
+			c := newLookupCache(tc.ttl, time.Hour)
 			c.setActive(tc.active)
 			f := &countingFetch{err: tc.err}
 			for i := range 2 {
@@ -69,7 +69,7 @@ func TestLookupCache(t *testing.T) {
 }
 
 func TestLookupCacheSharesLookupsInFlight(t *testing.T) {
-	c := newLookupCache(time.Hour)
+	c := newLookupCache(time.Hour, time.Hour)
 	c.setActive(true)
 	f := &countingFetch{gate: make(chan struct{})}
 	const callers = 5
@@ -96,7 +96,7 @@ func TestLookupCacheSharesLookupsInFlight(t *testing.T) {
 }
 
 func TestLookupCacheDropsAnswerInvalidatedInFlight(t *testing.T) {
-	c := newLookupCache(time.Hour)
+	c := newLookupCache(time.Hour, time.Hour)
 	c.setActive(true)
 	f := &countingFetch{gate: make(chan struct{})}
 	done := make(chan struct{})
@@ -119,7 +119,7 @@ func TestLookupCacheDropsAnswerInvalidatedInFlight(t *testing.T) {
 }
 
 func TestLookupCacheSweep(t *testing.T) {
-	c := newLookupCache(time.Nanosecond)
+	c := newLookupCache(time.Nanosecond, time.Hour)
 	c.setActive(true)
 	f := &countingFetch{}
 	for id := range int64(3) {
@@ -133,4 +133,52 @@ func TestLookupCacheSweep(t *testing.T) {
 		defer c.mu.Unlock()
 		return len(c.entries) == 0
 	})
+}
+
+// TestLookupCacheStaleWhileError: a lookup that fails answers its error
+// with the nodes the last successful one found, while they can still be
+// there; LastSeen remembers when a lookup last found the agent.
+func TestLookupCacheStaleWhileError(t *testing.T) {
+	ctx := context.Background()
+	outage := errors.New("redis down")
+	holder := [][]string{{"grpc://n:8155"}}
+	found := func(context.Context, int64) ([][]string, error) { return holder, nil }
+	none := func(context.Context, int64) ([][]string, error) { return nil, nil }
+	failing := func(context.Context, int64) ([][]string, error) { return nil, outage }
+	tests := []struct {
+		name     string
+		active   bool // the subscription is up (answers cached)
+		staleFor time.Duration
+		before   []func(context.Context, int64) ([][]string, error)
+		want     [][]string
+		wantSeen bool
+	}{
+		{"last known nodes, subscription up", true, time.Hour, []func(context.Context, int64) ([][]string, error){found}, holder, true},
+		{"last known nodes, subscription down", false, time.Hour, []func(context.Context, int64) ([][]string, error){found}, holder, true},
+		{"never found", false, time.Hour, nil, nil, false},
+		{"found, then gone", false, time.Hour, []func(context.Context, int64) ([][]string, error){found, none}, nil, true},
+		{"too old to trust", false, time.Nanosecond, []func(context.Context, int64) ([][]string, error){found}, nil, false},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			c := newLookupCache(time.Nanosecond, tc.staleFor) // answers expire at once: every get fetches
+			c.setActive(tc.active)
+			for _, fetch := range tc.before {
+				if _, err := c.get(ctx, 1, fetch); err != nil {
+					t.Fatal(err)
+				}
+			}
+			time.Sleep(time.Millisecond)
+			nodes, err := c.get(ctx, 1, failing)
+			if !errors.Is(err, outage) {
+				t.Fatalf("get during the outage: error %v, want %v", err, outage)
+			}
+			if len(nodes) != len(tc.want) {
+				t.Fatalf("get during the outage answered %v, want %v", nodes, tc.want)
+			}
+			if seen := c.lastSeen(1); seen.IsZero() == tc.wantSeen {
+				t.Fatalf("lastSeen = %v, want a time: %t", seen, tc.wantSeen)
+			}
+		})
+	}
 }

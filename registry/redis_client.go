@@ -9,6 +9,8 @@ import (
 	"io"
 	"net"
 	"os"
+	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -83,12 +85,97 @@ func NewRedisClient(cfg *config.Redis, tlsConfig *tls.Config) (redis.UniversalCl
 			return nil, errors.New("build Redis client: redis.cluster needs at least one address")
 		}
 		opts.Addrs = cfg.Cluster.Addresses
-		// A single seed address would otherwise make a plain client.
-		opts.IsClusterMode = true
+		return newClusterClient(opts.Cluster()), nil
 	default:
 		return nil, errors.New("build Redis client: set exactly one of redis.server, redis.sentinel and redis.cluster")
 	}
 	return redis.NewUniversalClient(opts), nil
+}
+
+// clusterStateReloadInterval bounds how long a Redis Cluster client uses a
+// slot map without asking the cluster again, while it is sending commands
+// (go-redis's default is a minute). Failovers are caught sooner, by the
+// errors they cause (see clusterFailover).
+const clusterStateReloadInterval = 10 * time.Second
+
+// newClusterClient builds the Redis Cluster client that follows failovers:
+// go-redis refreshes its slot map on MOVED and ASK redirections, which a
+// dead master never sends, so a client would otherwise keep dialling a
+// dead master until its next periodic reload.
+func newClusterClient(opts *redis.ClusterOptions) *redis.ClusterClient {
+	opts.ClusterStateReloadInterval = clusterStateReloadInterval
+	cc := redis.NewClusterClient(opts)
+	follow := &clusterFailover{reload: cc.ReloadState, every: clusterReloadDebounce}
+	// Every node's client, pub/sub connections included, reports the
+	// failures that hint at a changed topology.
+	cc.OnNewNode(func(node *redis.Client) { node.AddHook(follow) })
+	return cc
+}
+
+// clusterReloadDebounce is the least time between two slot map reloads
+// that errors trigger: during a failover every command fails until a
+// replica is promoted, and the first reload after the promotion is the one
+// that counts.
+const clusterReloadDebounce = 250 * time.Millisecond
+
+// clusterFailover is a go-redis hook on each node of a Redis Cluster that
+// reloads the cluster's slot map (debounced) when talking to the node fails
+// in a way a failover explains: it cannot be dialled, its connection broke,
+// or the cluster says it is down.
+type clusterFailover struct {
+	reload func(context.Context)
+	every  time.Duration
+	last   atomic.Int64 // Unix nanoseconds of the last reload
+}
+
+func (f *clusterFailover) note(err error) {
+	if !topologyHint(err) {
+		return
+	}
+	now := time.Now().UnixNano()
+	last := f.last.Load()
+	if now-last < int64(f.every) || !f.last.CompareAndSwap(last, now) {
+		return
+	}
+	// ReloadState reloads in the background; it needs no deadline of ours.
+	f.reload(context.Background())
+}
+
+// topologyHint says whether err suggests the node's role may have changed.
+func topologyHint(err error) bool {
+	if err == nil || errors.Is(err, context.Canceled) || errors.Is(err, redis.ErrClosed) {
+		return false
+	}
+	var netErr net.Error
+	if errors.As(err, &netErr) || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+		return true
+	}
+	msg := err.Error()
+	return strings.HasPrefix(msg, "CLUSTERDOWN") || strings.HasPrefix(msg, "READONLY") || strings.Contains(msg, "connection refused")
+}
+
+func (f *clusterFailover) DialHook(next redis.DialHook) redis.DialHook {
+	return func(ctx context.Context, network, addr string) (net.Conn, error) {
+		conn, err := next(ctx, network, addr)
+		f.note(err)
+		return conn, err
+	}
+}
+
+func (f *clusterFailover) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		err := next(ctx, cmd)
+		f.note(err)
+		return err
+	}
+}
+
+func (f *clusterFailover) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		err := next(ctx, cmds)
+		f.note(err)
+		return err
+	}
 }
 
 // dialer connects over network (tcp, tcp4, tcp6 or unix; empty means tcp),

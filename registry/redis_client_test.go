@@ -4,11 +4,14 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -208,5 +211,50 @@ func TestDialerUsesTLS(t *testing.T) {
 				t.Fatalf("got %T, want a TLS connection", conn)
 			}
 		})
+	}
+}
+
+// replyError is an error reply from Redis, as go-redis reports it.
+type replyError string
+
+func (e replyError) Error() string { return string(e) }
+
+// TestClusterFailoverReloads: errors a failover explains reload the slot
+// map, at most once per debounce interval; others do not.
+func TestClusterFailoverReloads(t *testing.T) {
+	refused := &net.OpError{Op: "dial", Net: "tcp", Err: syscall.ECONNREFUSED}
+	tests := []struct {
+		name   string
+		err    error
+		reload bool
+	}{
+		{"no error", nil, false},
+		{"connection refused", refused, true},
+		{"connection closed", io.EOF, true},
+		{"read timeout", &net.OpError{Op: "read", Net: "tcp", Err: os.ErrDeadlineExceeded}, true},
+		{"cluster down", replyError("CLUSTERDOWN The cluster is down"), true},
+		{"replica", replyError("READONLY You can't write against a read only replica."), true},
+		{"wrong type", replyError("WRONGTYPE Operation against a key holding the wrong kind of value"), false},
+		{"key missing", redis.Nil, false},
+		{"caller gone", context.Canceled, false},
+		{"client closed", redis.ErrClosed, false},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			reloads := 0
+			f := &clusterFailover{reload: func(context.Context) { reloads++ }, every: time.Hour}
+			f.note(tc.err)
+			if got := reloads == 1; got != tc.reload {
+				t.Fatalf("reloaded %d times, want a reload: %t", reloads, tc.reload)
+			}
+		})
+	}
+	reloads := 0
+	f := &clusterFailover{reload: func(context.Context) { reloads++ }, every: time.Hour}
+	for range 100 {
+		f.note(refused)
+	}
+	if reloads != 1 {
+		t.Fatalf("100 failures within the debounce interval reloaded %d times, want once", reloads)
 	}
 }

@@ -1,7 +1,9 @@
 package registry
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"log/slog"
 	"os"
@@ -44,7 +46,7 @@ func newClient(t *testing.T, srv *redistest.Server) *redis.Client {
 // testNode is one kas node's registry, with its own client and metrics.
 type testNode struct {
 	*Redis
-	client *redis.Client
+	client redis.UniversalClient
 	prom   *prometheus.Registry
 	url    string
 }
@@ -52,7 +54,13 @@ type testNode struct {
 // newNode starts a registry named name (its URL is grpc://name:8155) on srv.
 func newNode(t *testing.T, srv *redistest.Server, name string, configure ...func(*RedisOptions)) *testNode {
 	t.Helper()
-	n := &testNode{client: newClient(t, srv), prom: prometheus.NewRegistry(), url: "grpc://" + name + ":8155"}
+	return newNodeWithClient(t, newClient(t, srv), name, configure...)
+}
+
+// newNodeWithClient starts a registry named name with its own client.
+func newNodeWithClient(t *testing.T, client redis.UniversalClient, name string, configure ...func(*RedisOptions)) *testNode {
+	t.Helper()
+	n := &testNode{client: client, prom: prometheus.NewRegistry(), url: "grpc://" + name + ":8155"}
 	opts := RedisOptions{
 		Client:     n.client,
 		KeyPrefix:  testPrefix,
@@ -131,7 +139,7 @@ func (n *testNode) register(t *testing.T, tunnels ...*fakeTunnel) {
 }
 
 // field reads a node's field of a hash straight from Redis ("" when absent).
-func field(t *testing.T, c *redis.Client, key, node string) string {
+func field(t *testing.T, c redis.UniversalClient, key, node string) string {
 	t.Helper()
 	v, err := c.HGet(context.Background(), key, node).Result()
 	if err == redis.Nil {
@@ -714,6 +722,41 @@ func TestRedisClientLoggerRateLimits(t *testing.T) {
 	}
 	if h.errors() != 1 {
 		t.Fatalf("logged %d of 10 go-redis lines within one interval, want 1", h.errors())
+	}
+}
+
+// TestRedisClientLoggerLevels: go-redis's reports of normal events are
+// information, not errors; its failures are errors.
+func TestRedisClientLoggerLevels(t *testing.T) {
+	tests := []struct {
+		format string
+		args   []any
+		want   slog.Level
+	}{
+		{"sentinel: selected addr=%s masterAddr=%s", []any{"127.0.0.1:26379", "127.0.0.1:6379"}, slog.LevelInfo},
+		{"sentinel: new master=%q addr=%q", []any{"kas", "127.0.0.1:6380"}, slog.LevelInfo},
+		{"sentinel: discovered new sentinel=%q for master=%q", []any{"abc", "kas"}, slog.LevelInfo},
+		{"sentinel: ignore addr for master=%q", []any{"kas"}, slog.LevelDebug},
+		{"cluster: slots %v migrated to %s, reloading cluster state", []any{[]string{"0-100"}, "127.0.0.1:7001"}, slog.LevelInfo},
+		{"sentinel: GetMasterAddrByName name=%q failed: %s", []any{"kas", "dial tcp: connection refused"}, slog.LevelError},
+		{"redis: connection pool: failed to dial after %d attempts: %v", []any{1, "connection refused"}, slog.LevelError},
+	}
+	for _, tc := range tests {
+		t.Run(tc.format, func(t *testing.T) {
+			var buf bytes.Buffer
+			l := NewRedisClientLogger(slog.New(slog.NewJSONHandler(&buf, &slog.HandlerOptions{Level: slog.LevelDebug})))
+			l.Printf(context.Background(), tc.format, tc.args...)
+			var line struct{ Level string }
+			if err := json.Unmarshal(buf.Bytes(), &line); err != nil {
+				t.Fatalf("log %q: %v", buf.String(), err)
+			}
+			if line.Level != tc.want.String() {
+				t.Fatalf("logged at %s, want %s: %s", line.Level, tc.want, buf.String())
+			}
+			if want := fmt.Sprintf(tc.format, tc.args...); !strings.Contains(buf.String(), strings.ReplaceAll(want, `"`, `\"`)) {
+				t.Fatalf("log %s does not carry the message %q", buf.String(), want)
+			}
+		})
 	}
 }
 

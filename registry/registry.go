@@ -60,7 +60,10 @@ type Registry interface {
 	// successive calls over the agent's replicas.
 	FindLocal(agentID int64) (Tunnel, bool)
 	// FindRemote returns the private API URLs of other nodes that hold
-	// tunnels for the agent (one entry per node, each with its URLs).
+	// tunnels for the agent (one entry per node, each with its URLs). When
+	// the shared registry cannot be read, the error wraps ErrUnavailable,
+	// and the nodes, if any, are the last ones known to hold the agent's
+	// tunnels (worth trying: the agent is probably still there).
 	FindRemote(ctx context.Context, agentID int64) ([][]string, error)
 	// WaitForAgent returns when a tunnel for the agent registers on any node,
 	// or with ctx's error.
@@ -68,7 +71,22 @@ type Registry interface {
 	// Tunnels lists the connections known for the given agents (all agents
 	// when agentIDs is empty), on every node.
 	Tunnels(ctx context.Context, agentIDs ...int64) ([]TunnelInfo, error)
+	// LastSeen is when this node last knew the agent to have a tunnel
+	// anywhere: now while it has one here, when its last one here went
+	// away, or when a lookup last found it on another node. It is the zero
+	// time when the node knows nothing recent (departures are remembered
+	// for minutes, not forever).
+	LastSeen(agentID int64) time.Time
 }
 
 // ErrNoTunnel means no node holds a tunnel for the agent.
 var ErrNoTunnel = errors.New("agent is not connected")
+
+// ErrUnavailable means the shared registry (Redis) could not be read, so
+// where the agent's tunnels are is not known: kas's failure, not the agent's.
+var ErrUnavailable = errors.New("the agent registry (Redis) is unavailable")
+
+// ErrNodeUnreachable means the kas nodes holding the agent's tunnels could
+// not be reached over the private API (refused, unreachable, TLS failure,
+// or no answer in time): kas's failure, not the agent's.
+var ErrNodeUnreachable = errors.New("kas node unreachable")

@@ -115,12 +115,13 @@ func (s *Server) buildMultiNode() (k8sproxy.Router, error) {
 		return nil, err
 	}
 	router, err := peer.NewRouter(peer.RouterOptions{
-		Registry:   reg,
-		Secret:     secret,
-		TLS:        clientTLS,
-		ServerName: own.Host,
-		Logger:     s.log,
-		Registerer: s.metrics,
+		Registry:      reg,
+		Secret:        secret,
+		TLS:           clientTLS,
+		ServerName:    own.Host,
+		AcceptTimeout: s.cfg.PrivateAPI.AcceptTimeout.D(),
+		Logger:        s.log,
+		Registerer:    s.metrics,
 	})
 	if err != nil {
 		return nil, err

@@ -184,6 +184,7 @@ func New(cfg *config.Config, opts Options) (_ *Server, err error) {
 		Router:           router,
 		Logger:           s.log,
 		AgentWaitTimeout: cfg.Agent.KubernetesAPI.AgentWaitTimeout.D(),
+		LastSeen:         s.registry.LastSeen,
 		OnAuthorized:     s.usage.Observe,
 		Traffic:          s.statusParts.traffic,
 	})

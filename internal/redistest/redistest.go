@@ -2,13 +2,16 @@
 // port, with its own temporary directory and no persistence, stopped when the
 // test ends. A test can stop it and start it again on the same port to see
 // how its code lives through a Redis restart (which, without persistence,
-// also loses every key).
+// also loses every key), or kill it as a crash would. StartCluster runs a
+// Redis Cluster of such servers and StartSentinel a Sentinel-managed
+// primary with a replica, for failover tests.
 package redistest
 
 import (
 	"bufio"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -29,6 +32,8 @@ type Server struct {
 	binary  string
 	dir     string
 	port    int
+	conf    string   // a configuration file, which redis-server reads first ("" for none)
+	args    []string // more redis-server arguments (cluster or sentinel mode)
 	cmd     *exec.Cmd
 	exited  chan struct{} // closed when cmd has been waited for
 	waitErr error         // cmd.Wait's result, valid once exited is closed
@@ -39,22 +44,36 @@ type Server struct {
 // broken environment and fails t.
 func Start(t testing.TB) *Server {
 	t.Helper()
-	binary, err := exec.LookPath("redis-server")
+	return start(t, "", nil, freePort)
+}
+
+// lookPath finds a Redis program, skipping t without it except under CI.
+func lookPath(t testing.TB, program string) string {
+	t.Helper()
+	path, err := exec.LookPath(program)
 	if err != nil {
-		const msg = "redis-server is not in PATH; install it (Debian: apt-get install -y redis-server, or run scripts/install-test-deps.sh as root) to run the Redis tests"
+		msg := program + " is not in PATH; install it (Debian: apt-get install -y redis-server redis-tools, or run scripts/install-test-deps.sh as root) to run the Redis tests"
 		if os.Getenv("CI") == "true" {
 			t.Fatal(msg)
 		}
 		t.Skip(msg)
 	}
-	s := &Server{t: t, binary: binary, dir: t.TempDir()}
+	return path
+}
+
+// start runs redis-server with the configuration file (if any) and the
+// extra arguments on a port from port.
+func start(t testing.TB, conf string, args []string, port func() (int, error)) *Server {
+	t.Helper()
+	s := &Server{t: t, binary: lookPath(t, "redis-server"), dir: t.TempDir(), conf: conf, args: args}
 	t.Cleanup(s.Stop)
 
 	// Another process may take the port between our probe and redis-server's
 	// bind, so try a few ports before giving up.
 	var lastErr error
 	for range 5 {
-		s.port, err = freePort()
+		var err error
+		s.port, err = port()
 		if err != nil {
 			t.Fatalf("find a free port for redis-server: %v", err)
 		}
@@ -85,6 +104,17 @@ func (s *Server) Stop() {
 	s.cmd = nil
 }
 
+// Kill ends the server with SIGKILL, as a crash would, and waits for it to
+// exit. Killing a stopped server does nothing.
+func (s *Server) Kill() {
+	if s.cmd == nil {
+		return
+	}
+	_ = s.cmd.Process.Kill()
+	<-s.exited
+	s.cmd = nil
+}
+
 // Restart starts a stopped server again on the same port, empty.
 func (s *Server) Restart() {
 	s.t.Helper()
@@ -99,7 +129,11 @@ func (s *Server) Restart() {
 // start runs redis-server on s.port and waits until it answers PING.
 func (s *Server) start() error {
 	logFile := filepath.Join(s.dir, "redis.log")
-	cmd := exec.Command(s.binary,
+	var args []string
+	if s.conf != "" {
+		args = append(args, s.conf)
+	}
+	cmd := exec.Command(s.binary, append(append(args,
 		"--bind", "127.0.0.1",
 		"--port", strconv.Itoa(s.port),
 		"--dir", s.dir,
@@ -107,7 +141,7 @@ func (s *Server) start() error {
 		"--save", "",
 		"--appendonly", "no",
 		"--daemonize", "no",
-	)
+	), s.args...)...)
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("run %s: %w", s.binary, err)
 	}
@@ -140,23 +174,61 @@ func (s *Server) start() error {
 
 // ping sends PING over RESP and expects +PONG.
 func ping(addr string) error {
-	conn, err := net.DialTimeout("tcp", addr, time.Second)
+	reply, err := command(addr, "PING")
 	if err != nil {
 		return err
+	}
+	if reply != "PONG" {
+		return fmt.Errorf("PING answered %q", reply)
+	}
+	return nil
+}
+
+// command sends one inline command and returns its reply: a simple
+// string, an integer or a bulk string (errors are errors).
+func command(addr string, args ...string) (string, error) {
+	conn, err := net.DialTimeout("tcp", addr, time.Second)
+	if err != nil {
+		return "", err
 	}
 	defer conn.Close()
 	_ = conn.SetDeadline(time.Now().Add(time.Second))
-	if _, err := conn.Write([]byte("PING\r\n")); err != nil {
-		return err
+	if _, err := conn.Write([]byte(strings.Join(args, " ") + "\r\n")); err != nil {
+		return "", err
 	}
-	line, err := bufio.NewReader(conn).ReadString('\n')
+	r := bufio.NewReader(conn)
+	line, err := r.ReadString('\n')
 	if err != nil {
-		return err
+		return "", err
 	}
-	if strings.TrimSpace(line) != "+PONG" {
-		return fmt.Errorf("PING answered %q", strings.TrimSpace(line))
+	line = strings.TrimRight(line, "\r\n")
+	switch {
+	case strings.HasPrefix(line, "+"), strings.HasPrefix(line, ":"):
+		return line[1:], nil
+	case strings.HasPrefix(line, "-"):
+		return "", fmt.Errorf("%s: %s", args[0], line[1:])
+	case strings.HasPrefix(line, "$"):
+		n, err := strconv.Atoi(line[1:])
+		if err != nil || n < 0 {
+			return "", fmt.Errorf("%s: unexpected reply %q", args[0], line)
+		}
+		buf := make([]byte, n+2)
+		if _, err := io.ReadFull(r, buf); err != nil {
+			return "", err
+		}
+		return string(buf[:n]), nil
 	}
-	return nil
+	return "", fmt.Errorf("%s: unexpected reply %q", args[0], line)
+}
+
+// infoField returns one field of a "field:value" reply such as INFO's.
+func infoField(reply, field string) string {
+	for line := range strings.Lines(reply) {
+		if v, ok := strings.CutPrefix(strings.TrimSpace(line), field+":"); ok {
+			return v
+		}
+	}
+	return ""
 }
 
 // freePort asks the kernel for a free loopback port.

@@ -1,6 +1,9 @@
 package redistest
 
-import "testing"
+import (
+	"testing"
+	"time"
+)
 
 func TestStopAndRestartOnTheSamePort(t *testing.T) {
 	s := Start(t)
@@ -31,4 +34,40 @@ func TestServersAreIndependent(t *testing.T) {
 	if err := ping(b.Addr()); err != nil {
 		t.Fatalf("stopping one server stopped the other: %v", err)
 	}
+}
+
+func TestClusterFailsOverAKilledMaster(t *testing.T) {
+	c := StartCluster(t, 3, 1)
+	if len(c.Addrs()) != 6 {
+		t.Fatalf("%d nodes, want 6", len(c.Addrs()))
+	}
+	var master string
+	for _, addr := range c.Addrs() {
+		if info, err := command(addr, "INFO", "replication"); err == nil && infoField(info, "role") == "master" {
+			master = addr
+			break
+		}
+	}
+	if master == "" {
+		t.Fatal("no node is a master")
+	}
+	killed := time.Now()
+	c.Kill(master)
+	c.WaitFailover(master)
+	t.Logf("the cluster was healthy again %s after its master %s was killed", time.Since(killed).Round(time.Millisecond), master)
+}
+
+func TestSentinelPromotesTheReplica(t *testing.T) {
+	s := StartSentinel(t, "kas-test")
+	primary := s.Primary()
+	killed := time.Now()
+	primary.Kill()
+	deadline := time.Now().Add(30 * time.Second)
+	for s.primaryOrNil() == nil {
+		if time.Now().After(deadline) {
+			t.Fatal("the replica was not promoted within 30s")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Logf("the replica was promoted %s after the primary was killed", time.Since(killed).Round(time.Millisecond))
 }

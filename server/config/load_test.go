@@ -56,10 +56,13 @@ func wantDefaults() *Config {
 			Listen:           listen("127.0.0.1:8153"),
 			MaxConnectionAge: Duration(2 * time.Hour),
 		}},
-		PrivateAPI: PrivateAPI{Listen: PrivateAPIListen{
-			Listen:           listen("127.0.0.1:8155"),
-			MaxConnectionAge: Duration(2 * time.Hour),
-		}},
+		PrivateAPI: PrivateAPI{
+			Listen: PrivateAPIListen{
+				Listen:           listen("127.0.0.1:8155"),
+				MaxConnectionAge: Duration(2 * time.Hour),
+			},
+			AcceptTimeout: Duration(2 * time.Second),
+		},
 	}
 }
 

@@ -200,6 +200,11 @@ type APIListen struct {
 // PrivateAPI is the kas-to-kas API (gitlab_kas['private_api_listen_address']).
 type PrivateAPI struct {
 	Listen PrivateAPIListen `yaml:"listen"`
+	// AcceptTimeout bounds how long a node forwarding a request waits for
+	// the node holding the agent's tunnel to be connected to and to take
+	// the request; a node that has not by then is skipped for a while and
+	// the request goes to another node holding the agent.
+	AcceptTimeout Duration `yaml:"accept_timeout,omitempty"`
 }
 
 // PrivateAPIListen is the private API listener.

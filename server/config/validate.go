@@ -186,6 +186,7 @@ func (v validator) privateAPI(cfg *Config) {
 		v.pemCertificates("private_api.listen.ca_certificate_file", l.CACertificateFile)
 	}
 	v.positive("private_api.listen.max_connection_age", l.MaxConnectionAge)
+	v.positive("private_api.accept_timeout", cfg.PrivateAPI.AcceptTimeout)
 }
 
 func (v validator) redis(r *Redis) {

@@ -46,6 +46,10 @@ type Options struct {
 	Logger *slog.Logger
 	// AgentWaitTimeout is how long a request waits for its agent to connect.
 	AgentWaitTimeout time.Duration
+	// LastSeen says when the agent was last known to be connected (see
+	// registry.Registry.LastSeen); it decides whether a 503 invites the
+	// caller to retry soon. Nil means never.
+	LastSeen func(agentID int64) time.Time
 	// OnAuthorized is told about every authorized request (usage metrics);
 	// nil means nobody is told.
 	OnAuthorized func(*proxyauth.Result)
@@ -166,6 +170,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if h.opts.OnAuthorized != nil {
 		h.opts.OnAuthorized(res)
 	}
+	arrived := time.Now()
 	rt := &route{auth: res, identity: identity}
 	if h.opts.Traffic != nil {
 		var rec middleware.Recorded
@@ -183,16 +188,64 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		if ctx.Err() != nil {
 			return // the caller went away while we waited
 		}
-		log.Info("No tunnel for agent", "agent_id", res.AgentID, "error", err.Error())
-		w.Header().Set("Retry-After", "5") // client-go retries on its own
-		rt.failure = fmt.Sprintf("agent %d is not connected to kas (waited %s); check that agentk is running and can reach kas",
-			res.AgentID, h.opts.AgentWaitTimeout)
-		kubestatus.Write(w, http.StatusServiceUnavailable, kubestatus.ReasonServiceUnavailable, rt.failure)
+		rt.failure = h.routeFailed(w, log, res.AgentID, arrived, err)
 		return
 	}
 	rt.transport = transport
 	ctx = context.WithValue(ctx, routeKey{}, rt)
 	h.proxy.ServeHTTP(w, r.WithContext(ctx))
+}
+
+// retryAfter is the Retry-After of a 503 for an agent that is probably
+// reconnecting. client-go and kubectl retry such answers (up to 10 times),
+// so it is sent only when a retry soon is likely to succeed: otherwise a
+// caller would wait minutes to be told the agent is down.
+const retryAfter = "1"
+
+// recentlyGone is how long after an agent was last seen a 503 still
+// invites a retry, at least: agentk reconnects within seconds.
+const recentlyGone = 5 * time.Second
+
+// routeFailed answers a request no tunnel was found for: the registry
+// could not be read, or the agent did not connect within the wait. It
+// returns the message it answered.
+func (h *Handler) routeFailed(w http.ResponseWriter, log *slog.Logger, agentID int64, arrived time.Time, err error) string {
+	if errors.Is(err, registry.ErrUnavailable) {
+		// The registry logs the outage itself, once in a while; this is
+		// the request's line.
+		log.Info("Cannot look up the agent's tunnels: the agent registry is unavailable", "agent_id", agentID, "error", err.Error())
+		msg := fmt.Sprintf("kas cannot find agent %d's tunnel: %v; this is kas's problem, not the agent's (see kas's logs)", agentID, registry.ErrUnavailable)
+		kubestatus.Write(w, http.StatusServiceUnavailable, kubestatus.ReasonServiceUnavailable, msg)
+		return msg
+	}
+	msg := fmt.Sprintf("agent %d is not connected to kas (waited %s)", agentID, h.opts.AgentWaitTimeout)
+	var seen time.Time
+	if h.opts.LastSeen != nil {
+		seen = h.opts.LastSeen(agentID)
+	}
+	switch {
+	case !seen.IsZero() && arrived.Sub(seen) < max(h.opts.AgentWaitTimeout, recentlyGone):
+		// It was connected moments before the request came: probably
+		// reconnecting, so one more try soon is worth it. The next
+		// request comes too late for this, so callers retry once.
+		w.Header().Set("Retry-After", retryAfter)
+		msg += fmt.Sprintf("; it disconnected %s before the request and is probably reconnecting", roundAgo(arrived.Sub(seen)))
+	case !seen.IsZero():
+		msg += fmt.Sprintf("; it was last connected %s ago; check that agentk is running and can reach kas", roundAgo(time.Since(seen)))
+	default:
+		msg += "; check that agentk is running and can reach kas"
+	}
+	log.Info("No tunnel for agent", "agent_id", agentID, "error", err.Error())
+	kubestatus.Write(w, http.StatusServiceUnavailable, kubestatus.ReasonServiceUnavailable, msg)
+	return msg
+}
+
+// roundAgo rounds a time ago for a message.
+func roundAgo(d time.Duration) time.Duration {
+	if d < time.Minute {
+		return d.Round(100 * time.Millisecond)
+	}
+	return d.Round(time.Second)
 }
 
 // maxFailurePath bounds the request path quoted in a failure message.
@@ -309,10 +362,21 @@ func (h *Handler) proxyError(w http.ResponseWriter, r *http.Request, err error) 
 	case errors.Is(ctx.Err(), context.Canceled):
 		log.Debug("Caller went away", "error", err.Error())
 		return
+	case errors.Is(err, registry.ErrNodeUnreachable):
+		// The router logs each node's failure once; this is the request's.
+		log.Info("kas nodes holding the agent's tunnels unreachable", "error", err.Error())
+		rt.failure = fmt.Sprintf("kas cannot reach agent %d: %v", rt.auth.AgentID, err)
+		kubestatus.Write(w, http.StatusBadGateway, kubestatus.ReasonInternalError, rt.failure)
+	case errors.Is(err, registry.ErrUnavailable):
+		// The registry could not be read, and the nodes it last named no
+		// longer hold the agent.
+		log.Info("Agent's last known tunnels went away while the agent registry is unavailable", "error", err.Error())
+		rt.failure = fmt.Sprintf("kas cannot find agent %d's tunnel: %v, and the kas nodes that last held it no longer do", rt.auth.AgentID, registry.ErrUnavailable)
+		kubestatus.Write(w, http.StatusServiceUnavailable, kubestatus.ReasonServiceUnavailable, rt.failure)
 	case errors.Is(err, registry.ErrNoTunnel):
 		// Every node that held a tunnel lost it between routing and sending.
 		log.Info("Agent's tunnels went away", "error", err.Error())
-		w.Header().Set("Retry-After", "5")
+		w.Header().Set("Retry-After", retryAfter)
 		rt.failure = fmt.Sprintf("agent %d is not connected to kas any more; it is probably reconnecting", rt.auth.AgentID)
 		kubestatus.Write(w, http.StatusServiceUnavailable, kubestatus.ReasonServiceUnavailable, rt.failure)
 	case errors.Is(err, context.DeadlineExceeded):

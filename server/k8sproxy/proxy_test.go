@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
@@ -55,6 +56,15 @@ func (r *recordingRouter) Route(ctx context.Context, _ int64) (http.RoundTripper
 	}), nil
 }
 
+// nodeUnreachable is the router's error when the node holding the tunnel
+// cannot be reached.
+type nodeUnreachable struct{}
+
+func (nodeUnreachable) Error() string {
+	return "the kas node holding its tunnel is unreachable: grpcs://10.0.0.2:8155: TLS name mismatch: certificate is valid for kas.internal, not kas.example"
+}
+func (nodeUnreachable) Is(target error) bool { return target == registry.ErrNodeUnreachable }
+
 func okResponse(req *http.Request) (*http.Response, error) {
 	return &http.Response{StatusCode: 200, Header: http.Header{"Content-Type": {"application/json"}},
 		Body: io.NopCloser(strings.NewReader(`{"kind":"NamespaceList"}`)), Request: req}, nil
@@ -69,9 +79,11 @@ func TestHandler(t *testing.T) {
 		auth        Authenticator
 		routeErr    error
 		rt          func(*http.Request) (*http.Response, error)
+		lastSeen    time.Duration // how long before the request the agent was last seen; 0: never
 		wantCode    int
 		wantReason  kubestatus.Reason
-		wantHeader  map[string]string
+		wantHeader  map[string]string // "" means absent
+		wantMessage string
 		wantForward bool
 		// wantFailure is the agent's last failure, "" for none; refused
 		// callers are not counted for any agent.
@@ -103,14 +115,84 @@ func TestHandler(t *testing.T) {
 			wantReason: kubestatus.ReasonForbidden,
 		},
 		{
-			name:        "agent not connected after the wait",
+			name:        "agent never seen: not connected after the wait, no retry",
 			path:        "/api/v1/namespaces",
 			auth:        fixedAuth{res: &proxyauth.Result{AgentID: 1}},
 			routeErr:    registry.ErrNoTunnel,
 			wantCode:    503,
 			wantReason:  kubestatus.ReasonServiceUnavailable,
-			wantHeader:  map[string]string{"Retry-After": "5"},
+			wantHeader:  map[string]string{"Retry-After": ""},
+			wantMessage: "agent 1 is not connected to kas (waited 50ms); check that agentk is running",
 			wantFailure: "agent 1 is not connected to kas (waited 50ms); check that agentk is running and can reach kas",
+		},
+		{
+			name:        "agent gone moments ago: retry soon",
+			path:        "/api/v1/namespaces",
+			auth:        fixedAuth{res: &proxyauth.Result{AgentID: 1}},
+			routeErr:    registry.ErrNoTunnel,
+			lastSeen:    time.Second,
+			wantCode:    503,
+			wantReason:  kubestatus.ReasonServiceUnavailable,
+			wantHeader:  map[string]string{"Retry-After": "1"},
+			wantMessage: "probably reconnecting",
+			wantFailure: "agent 1 is not connected to kas (waited 50ms); it disconnected 1s before the request and is probably reconnecting",
+		},
+		{
+			name:        "agent gone for longer than the wait: no retry",
+			path:        "/api/v1/namespaces",
+			auth:        fixedAuth{res: &proxyauth.Result{AgentID: 1}},
+			routeErr:    registry.ErrNoTunnel,
+			lastSeen:    time.Minute,
+			wantCode:    503,
+			wantReason:  kubestatus.ReasonServiceUnavailable,
+			wantHeader:  map[string]string{"Retry-After": ""},
+			wantMessage: "it was last connected 1m0s ago",
+			wantFailure: "agent 1 is not connected to kas (waited 50ms); it was last connected 1m0s ago; check that agentk is running and can reach kas",
+		},
+		{
+			name:        "registry unavailable: kas's problem, said as such",
+			path:        "/api/v1/namespaces",
+			auth:        fixedAuth{res: &proxyauth.Result{AgentID: 1}},
+			routeErr:    fmt.Errorf("look up: %w: dial tcp: connection refused", registry.ErrUnavailable),
+			lastSeen:    time.Second,
+			wantCode:    503,
+			wantReason:  kubestatus.ReasonServiceUnavailable,
+			wantHeader:  map[string]string{"Retry-After": ""},
+			wantMessage: "kas cannot find agent 1's tunnel: the agent registry (Redis) is unavailable",
+			wantFailure: "kas cannot find agent 1's tunnel: the agent registry (Redis) is unavailable; this is kas's problem, not the agent's (see kas's logs)",
+		},
+		{
+			name:        "tunnels gone between routing and sending: retry soon",
+			path:        "/api/v1/namespaces",
+			auth:        fixedAuth{res: &proxyauth.Result{AgentID: 1}},
+			rt:          func(*http.Request) (*http.Response, error) { return nil, registry.ErrNoTunnel },
+			wantCode:    503,
+			wantReason:  kubestatus.ReasonServiceUnavailable,
+			wantHeader:  map[string]string{"Retry-After": "1"},
+			wantMessage: "agent 1 is not connected to kas any more; it is probably reconnecting",
+			wantFailure: "agent 1 is not connected to kas any more; it is probably reconnecting",
+		},
+		{
+			name:        "node holding the tunnel unreachable",
+			path:        "/api/v1/namespaces",
+			auth:        fixedAuth{res: &proxyauth.Result{AgentID: 1}},
+			rt:          func(*http.Request) (*http.Response, error) { return nil, nodeUnreachable{} },
+			wantCode:    502,
+			wantReason:  kubestatus.ReasonInternalError,
+			wantHeader:  map[string]string{"Retry-After": ""},
+			wantMessage: "kas cannot reach agent 1: the kas node holding its tunnel is unreachable: grpcs://10.0.0.2:8155: TLS name mismatch",
+			wantFailure: "kas cannot reach agent 1: " + nodeUnreachable{}.Error(),
+		},
+		{
+			name:        "last known holders gone while the registry is unavailable",
+			path:        "/api/v1/namespaces",
+			auth:        fixedAuth{res: &proxyauth.Result{AgentID: 1}},
+			rt:          func(*http.Request) (*http.Response, error) { return nil, fmt.Errorf("x: %w", registry.ErrUnavailable) },
+			wantCode:    503,
+			wantReason:  kubestatus.ReasonServiceUnavailable,
+			wantHeader:  map[string]string{"Retry-After": ""},
+			wantMessage: "the agent registry (Redis) is unavailable, and the kas nodes that last held it no longer do",
+			wantFailure: "kas cannot find agent 1's tunnel: the agent registry (Redis) is unavailable, and the kas nodes that last held it no longer do",
 		},
 		{
 			name:        "agent failed",
@@ -165,13 +247,20 @@ func TestHandler(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			router := &recordingRouter{err: tc.routeErr, rt: tc.rt, seen: make(chan *http.Request, 1)}
+			start := time.Now()
 			rec := &traffic.Recorder{}
 			h := NewHandler(Options{
 				Auth:             tc.auth,
 				Router:           router,
 				Logger:           slog.New(slog.DiscardHandler),
 				AgentWaitTimeout: 50 * time.Millisecond,
-				Traffic:          rec,
+				LastSeen: func(int64) time.Time {
+					if tc.lastSeen == 0 {
+						return time.Time{}
+					}
+					return start.Add(-tc.lastSeen)
+				},
+				Traffic: rec,
 			})
 			req := httptest.NewRequest(http.MethodGet, "http://kas"+tc.path, nil)
 			for k, v := range tc.header {
@@ -194,6 +283,9 @@ func TestHandler(t *testing.T) {
 				var st kubestatus.Status
 				if err := json.Unmarshal(w.Body.Bytes(), &st); err != nil || st.Kind != "Status" || st.Reason != tc.wantReason || st.Code != tc.wantCode {
 					t.Fatalf("body %s is not a %s Status (%v)", w.Body, tc.wantReason, err)
+				}
+				if !strings.Contains(st.Message, tc.wantMessage) {
+					t.Errorf("message %q, want it to contain %q", st.Message, tc.wantMessage)
 				}
 			}
 			if !tc.wantForward {

@@ -171,8 +171,8 @@ func TestRouterWithWrongSecretIsRefused(t *testing.T) {
 	}
 	req, _ := http.NewRequest(http.MethodGet, "http://agent/echo", nil)
 	_, err = rt.RoundTrip(req)
-	if !errors.Is(err, registry.ErrNoTunnel) || !strings.Contains(err.Error(), "same private API secret") {
-		t.Fatalf("error %v; want no tunnel, saying the secrets differ", err)
+	if !errors.Is(err, registry.ErrNodeUnreachable) || !strings.Contains(err.Error(), "same private API secret") {
+		t.Fatalf("error %v; want the node unreachable, saying the secrets differ", err)
 	}
 	if n := counterValue(a.router.metrics.failRefused); n != 1 {
 		t.Errorf("refusals counted: %v, want 1", n)

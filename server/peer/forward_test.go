@@ -426,23 +426,48 @@ func TestForwardSkipsUnusableURLs(t *testing.T) {
 	}
 }
 
+// TestForwardNoNodeTakesIt: the error says what happened, the agent's
+// tunnels gone (the agent is reconnecting) or a node unreachable (kas's
+// failure), and names the nodes.
 func TestForwardNoNodeTakesIt(t *testing.T) {
-	a := newNode(t, nodeConfig{})
-	b := newNode(t, nodeConfig{}) // no tunnel
-	a.reg.setRemote([]string{b.url}, []string{closedURL(t)})
-	rt, err := a.router.Route(context.Background(), 1)
-	if err != nil {
-		t.Fatal(err)
+	tests := []struct {
+		name   string
+		closed bool // a node that refuses connections holds the agent too
+		want   error
+		says   []string
+	}{
+		{"no node has a tunnel", false, registry.ErrNoTunnel, []string{"no tunnel for agent 1 on this node"}},
+		{"a holder is unreachable", true, registry.ErrNodeUnreachable, []string{"connection refused", "unreachable"}},
 	}
-	req, _ := http.NewRequest(http.MethodPost, "http://agent/echo", strings.NewReader("body"))
-	_, err = rt.RoundTrip(req)
-	if !errors.Is(err, registry.ErrNoTunnel) {
-		t.Fatalf("error %v; want registry.ErrNoTunnel", err)
-	}
-	for _, want := range []string{"no tunnel for agent 1 on this node", b.url} {
-		if !strings.Contains(err.Error(), want) {
-			t.Errorf("error %q does not mention %q", err, want)
-		}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			a := newNode(t, nodeConfig{})
+			b := newNode(t, nodeConfig{}) // no tunnel
+			nodes := [][]string{{b.url}}
+			says := tt.says
+			if tt.closed {
+				closed := closedURL(t)
+				nodes = append(nodes, []string{closed})
+				says = append(says, closed)
+			} else {
+				says = append(says, b.url)
+			}
+			a.reg.setRemote(nodes...)
+			rt, err := a.router.Route(context.Background(), 1)
+			if err != nil {
+				t.Fatal(err)
+			}
+			req, _ := http.NewRequest(http.MethodPost, "http://agent/echo", strings.NewReader("body"))
+			_, err = rt.RoundTrip(req)
+			if !errors.Is(err, tt.want) {
+				t.Fatalf("error %v; want %v", err, tt.want)
+			}
+			for _, want := range says {
+				if !strings.Contains(err.Error(), want) {
+					t.Errorf("error %q does not mention %q", err, want)
+				}
+			}
+		})
 	}
 }
 
@@ -535,13 +560,17 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 	}
 }
 
-// stallingForward takes a request and holds it until its stream ends.
+// stallingForward takes a request (acknowledging it, as a node with a
+// tunnel does) and holds it until its stream ends.
 type stallingForward struct {
 	peerpb.UnimplementedForwardServer
 	took chan struct{}
 }
 
 func (f *stallingForward) RoundTrip(stream grpc.BidiStreamingServer[peerpb.ClientMessage, peerpb.ServerMessage]) error {
+	if err := stream.SendHeader(nil); err != nil {
+		return err
+	}
 	f.took <- struct{}{}
 	<-stream.Context().Done()
 	return stream.Context().Err()

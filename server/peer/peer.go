@@ -7,7 +7,10 @@
 // request head and body chunks one way; response head, body chunks and
 // trailers the other; upgraded connections' bytes both ways. Bodies stream in
 // chunks and are never held whole, except those small enough to travel in
-// the head message.
+// the head message. A node acknowledges a request as soon as it has a
+// tunnel for it; a node that does not within the accept timeout is skipped
+// for a while (a circuit breaker per URL) and the request goes to another
+// node holding the agent.
 package peer
 
 import (

@@ -14,6 +14,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/net/http/httpguts"
@@ -43,7 +44,14 @@ type RouterOptions struct {
 	// ServerName is the name every peer's certificate must carry
 	// (OWN_PRIVATE_API_HOST); "" means the host of the URL dialled.
 	ServerName string
-	Logger     *slog.Logger
+	// AcceptTimeout bounds how long a node may take to be connected to and
+	// to take a request (private_api.accept_timeout; zero means
+	// DefaultAcceptTimeout). A node that has not taken the request by then
+	// is skipped for a while, and the request goes to another node holding
+	// the agent: a frozen or cut-off node must not hold requests until the
+	// callers give up.
+	AcceptTimeout time.Duration
+	Logger        *slog.Logger
 	// Registerer receives the router's metrics; nil means none.
 	Registerer prometheus.Registerer
 }
@@ -54,6 +62,7 @@ type RouterOptions struct {
 type Router struct {
 	opts    RouterOptions
 	pool    *connPool
+	breaker *breaker
 	buffers *bufferPool
 	// next rotates which node an agent's requests try first, spreading
 	// them over the nodes holding its tunnels.
@@ -63,18 +72,25 @@ type Router struct {
 
 // routerMetrics are the router's counters, resolved once.
 type routerMetrics struct {
-	ok, noTunnel, failed, canceled                      prometheus.Counter
-	failNoTunnel, failUnreachable, failRefused, failURL prometheus.Counter
+	ok, noTunnel, unreachable, failed, canceled                      prometheus.Counter
+	failNoTunnel, failUnreachable, failRefused, failURL, failTimeout prometheus.Counter
 }
 
 // Reasons one peer could not take a request; each lets the router try the
-// next URL (or, for noTunnel, the next node).
+// next URL (or, for noTunnel and timeout, the next node).
 const (
 	reasonNoTunnel    = "no_tunnel"
 	reasonUnreachable = "unreachable"
 	reasonRefused     = "refused"
 	reasonBadURL      = "bad_url"
+	reasonTimeout     = "timeout"
 )
+
+// DefaultAcceptTimeout is RouterOptions.AcceptTimeout's default: nodes on a
+// private network take a request in milliseconds, so two seconds without an
+// answer means the node is stuck, while a caller (kubectl has no timeout of
+// its own; CI tools often 30 s or more) is still waiting.
+const DefaultAcceptTimeout = 2 * time.Second
 
 // NewRouter returns a router; it connects to peers when first needed.
 func NewRouter(opts RouterOptions) (*Router, error) {
@@ -83,6 +99,12 @@ func NewRouter(opts RouterOptions) (*Router, error) {
 	}
 	if len(opts.Secret) == 0 {
 		return nil, errors.New("private API router: no secret; set private_api.listen.authentication_secret_file")
+	}
+	if opts.AcceptTimeout < 0 {
+		return nil, fmt.Errorf("private API router: negative accept timeout %s", opts.AcceptTimeout)
+	}
+	if opts.AcceptTimeout == 0 {
+		opts.AcceptTimeout = DefaultAcceptTimeout
 	}
 	forwards := prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "kas_peer_forwards_total",
@@ -106,16 +128,19 @@ func NewRouter(opts RouterOptions) (*Router, error) {
 	return &Router{
 		opts:    opts,
 		pool:    newConnPool(newTokenSource(opts.Secret), opts.TLS, opts.ServerName, conns),
+		breaker: newBreaker(),
 		buffers: newBufferPool(),
 		metrics: routerMetrics{
 			ok:              forwards.WithLabelValues("ok"),
 			noTunnel:        forwards.WithLabelValues("no_tunnel"),
+			unreachable:     forwards.WithLabelValues("unreachable"),
 			failed:          forwards.WithLabelValues("error"),
 			canceled:        forwards.WithLabelValues("canceled"),
 			failNoTunnel:    failures.WithLabelValues(reasonNoTunnel),
 			failUnreachable: failures.WithLabelValues(reasonUnreachable),
 			failRefused:     failures.WithLabelValues(reasonRefused),
 			failURL:         failures.WithLabelValues(reasonBadURL),
+			failTimeout:     failures.WithLabelValues(reasonTimeout),
 		},
 	}, nil
 }
@@ -126,20 +151,23 @@ func (r *Router) Close() error { return r.pool.close() }
 
 // Route returns a transport to the agent: a local tunnel, or one that
 // forwards to the nodes holding the agent's tunnels. With neither, it waits
-// for the agent to connect anywhere, up to ctx's deadline.
+// for the agent to connect anywhere, up to ctx's deadline. When the
+// registry cannot be read it routes to the nodes that last held the agent,
+// if it knows any, and otherwise fails at once with an error wrapping
+// registry.ErrUnavailable: waiting would not help.
 func (r *Router) Route(ctx context.Context, agentID int64) (http.RoundTripper, error) {
 	for {
 		if t, ok := r.opts.Registry.FindLocal(agentID); ok {
 			return t, nil
 		}
 		nodes, err := r.opts.Registry.FindRemote(ctx, agentID)
-		if err != nil {
-			return nil, fmt.Errorf("look up kas nodes with a tunnel for agent %d: %w", agentID, err)
-		}
 		for _, urls := range nodes {
 			if len(urls) > 0 {
-				return &remoteAgent{r: r, agentID: agentID, nodes: nodes}, nil
+				return &remoteAgent{r: r, agentID: agentID, nodes: nodes, lookupErr: err}, nil
 			}
+		}
+		if err != nil {
+			return nil, fmt.Errorf("look up kas nodes with a tunnel for agent %d: %w", agentID, err)
 		}
 		if err := r.opts.Registry.WaitForAgent(ctx, agentID); err != nil {
 			return nil, fmt.Errorf("wait for agent %d: %w", agentID, err)
@@ -153,17 +181,23 @@ type remoteAgent struct {
 	r       *Router
 	agentID int64
 	nodes   [][]string
+	// lookupErr is the registry's error when nodes are only the last ones
+	// known to hold the agent.
+	lookupErr error
 }
 
 func (ra *remoteAgent) RoundTrip(req *http.Request) (*http.Response, error) {
-	return ra.r.forward(req, ra.agentID, ra.nodes)
+	return ra.r.forward(req, ra.agentID, ra.nodes, ra.lookupErr)
 }
 
 // forward sends req to the first node that takes it. Each node's URLs are
-// tried in turn until one answers; a node that answers it has no tunnel
-// sends the request on to the next node. Once a node has taken the request
-// there is no retry: the agent may have acted on it.
-func (r *Router) forward(req *http.Request, agentID int64, nodes [][]string) (*http.Response, error) {
+// tried in turn until one answers; a node that answers it has no tunnel, or
+// does not take the request within the accept timeout, sends the request on
+// to the next node. Nodes and URLs that failed recently are tried last.
+// Once a node has taken the request there is no retry: the agent may have
+// acted on it. Until then nothing of the request's body has been read, so
+// any request, upgrades included, can move to another node.
+func (r *Router) forward(req *http.Request, agentID int64, nodes [][]string, lookupErr error) (*http.Response, error) {
 	ctx := req.Context()
 	upgrade := isUpgrade(req.Header)
 	head, bufp, err := newRequestHead(req, agentID, upgrade, r.buffers)
@@ -177,14 +211,22 @@ func (r *Router) forward(req *http.Request, agentID int64, nodes [][]string) (*h
 	// A body not sent inline waits until a node takes the request, so it is
 	// still unread whenever a node is skipped.
 	bodyPending := !head.EndOfBody
-	var failures []error
+	var failures []*skipError
 	start := int(r.next.Add(1))
+	if r.breaker.failing.Load() != 0 {
+		rotated := make([][]string, 0, len(nodes))
+		for i := range nodes {
+			rotated = append(rotated, nodes[(start+i)%len(nodes)])
+		}
+		nodes, start = r.breaker.order(rotated), 0
+	}
 	for i := range nodes {
 		urls := nodes[(start+i)%len(nodes)]
 		for _, u := range urls {
 			resp, err := r.attempt(req, u, head, upgrade)
 			if err == nil {
 				r.metrics.ok.Inc()
+				r.noteAnswer(u)
 				return resp, nil
 			}
 			var skip *skipError
@@ -198,8 +240,11 @@ func (r *Router) forward(req *http.Request, agentID int64, nodes [][]string) (*h
 			}
 			r.noteSkip(skip, agentID, head.CorrelationId)
 			failures = append(failures, skip)
-			if skip.reason == reasonNoTunnel {
-				break // the node answered; its other URLs lead to the same node
+			if skip.reason == reasonNoTunnel || skip.reason == reasonTimeout {
+				// The node answered, and its other URLs lead to the same
+				// node; or it is stuck, and they would only cost as much
+				// time again.
+				break
 			}
 		}
 		if ctx.Err() != nil {
@@ -221,38 +266,119 @@ func (r *Router) forward(req *http.Request, agentID int64, nodes [][]string) (*h
 		}
 		return t.RoundTrip(local)
 	}
-	r.metrics.noTunnel.Inc()
 	if bodyPending {
 		_ = req.Body.Close()
 	}
-	return nil, fmt.Errorf("forward request to agent %d: %w: no kas node took the request (%w)",
-		agentID, registry.ErrNoTunnel, errors.Join(failures...))
+	return nil, r.noNodeTookIt(agentID, failures, lookupErr)
 }
 
+// noNodeTookIt says why no node took a request: the nodes could not be
+// reached (kas's failure: ErrNodeUnreachable), or they no longer hold the
+// agent's tunnels (ErrNoTunnel: the agent is probably reconnecting), or, when
+// the registry could not be read, the last nodes known to hold them do not
+// any more (ErrUnavailable).
+func (r *Router) noNodeTookIt(agentID int64, failures []*skipError, lookupErr error) error {
+	var unreachable []*skipError
+	for _, f := range failures {
+		if f.reason != reasonNoTunnel {
+			unreachable = append(unreachable, f)
+		}
+	}
+	if len(unreachable) > 0 {
+		r.metrics.unreachable.Inc()
+		return &unreachableError{agentID: agentID, failures: unreachable, lookupErr: lookupErr}
+	}
+	r.metrics.noTunnel.Inc()
+	if lookupErr != nil {
+		return fmt.Errorf("forward request to agent %d: the nodes that last held its tunnels no longer do, and %w", agentID, lookupErr)
+	}
+	errs := make([]error, len(failures))
+	for i, f := range failures {
+		errs[i] = f
+	}
+	return fmt.Errorf("forward request to agent %d: %w: no kas node took the request (%w)",
+		agentID, registry.ErrNoTunnel, errors.Join(errs...))
+}
+
+// unreachableError is the answer when the only nodes holding the agent's
+// tunnels could not be reached. Its message is meant for the caller too:
+// each node's URL and what failed, with the fix when known.
+type unreachableError struct {
+	agentID   int64
+	failures  []*skipError
+	lookupErr error
+}
+
+func (e *unreachableError) Error() string {
+	var b strings.Builder
+	if len(e.failures) == 1 {
+		b.WriteString("the kas node holding its tunnel is unreachable: ")
+	} else {
+		b.WriteString("the kas nodes holding its tunnels are unreachable: ")
+	}
+	for i, f := range e.failures {
+		if i > 0 {
+			b.WriteString("; ")
+		}
+		b.WriteString(f.url)
+		b.WriteString(": ")
+		b.WriteString(f.cause)
+	}
+	if e.lookupErr != nil {
+		b.WriteString(" (they are the last known holders: ")
+		b.WriteString(e.lookupErr.Error())
+		b.WriteString(")")
+	}
+	return b.String()
+}
+
+func (e *unreachableError) Is(target error) bool {
+	return target == registry.ErrNodeUnreachable || (e.lookupErr != nil && errors.Is(e.lookupErr, target))
+}
+
+// noteAnswer closes the URL's breaker: the node answered.
+func (r *Router) noteAnswer(rawURL string) {
+	if failures := r.breaker.succeeded(rawURL); failures > 0 {
+		r.opts.Logger.Info("kas node answers over the private API again", "kas_url", rawURL, "failures", failures)
+	}
+}
+
+// noteSkip counts a node that did not take a request and pauses its URL.
+// Each cause is logged when it first appears for a URL (a TLS mistake or a
+// frozen node would otherwise log a line per request), then at debug level.
 func (r *Router) noteSkip(skip *skipError, agentID int64, correlationID string) {
 	log := r.opts.Logger
-	attrs := func(withError bool) []any {
-		a := []any{"agent_id", agentID, "correlation_id", correlationID, "kas_url", skip.url}
-		if withError {
-			a = append(a, "error", skip.err.Error())
-		}
-		return a
-	}
-	switch skip.reason {
-	case reasonNoTunnel:
+	if skip.reason == reasonNoTunnel {
 		r.metrics.failNoTunnel.Inc()
+		r.noteAnswer(skip.url)
 		if log.Enabled(context.Background(), slog.LevelDebug) {
-			log.Debug("kas node has no tunnel for the agent; trying the next node", attrs(false)...)
+			log.Debug("kas node has no tunnel for the agent; trying the next node",
+				"agent_id", agentID, "correlation_id", correlationID, "kas_url", skip.url)
 		}
+		return
+	}
+	newCause, pause := r.breaker.failed(skip.url, skip.cause)
+	level, msg := slog.LevelWarn, ""
+	switch skip.reason {
+	case reasonTimeout:
+		r.metrics.failTimeout.Inc()
+		msg = "kas node did not take the request in time; skipping it for a while"
 	case reasonUnreachable:
 		r.metrics.failUnreachable.Inc()
-		log.Warn("kas node unreachable over the private API; trying the next one", attrs(true)...)
+		msg = "kas node unreachable over the private API; skipping it for a while"
 	case reasonRefused:
 		r.metrics.failRefused.Inc()
-		log.Error("kas node refused the private API call; trying the next one", attrs(true)...)
+		level, msg = slog.LevelError, "kas node refused the private API call; skipping it for a while"
 	case reasonBadURL:
 		r.metrics.failURL.Inc()
-		log.Error("kas node published an unusable private API URL", attrs(true)...)
+		level, msg = slog.LevelError, "kas node published an unusable private API URL"
+	}
+	if !newCause {
+		level = slog.LevelDebug
+	}
+	if log.Enabled(context.Background(), level) {
+		log.Log(context.Background(), level, msg, "agent_id", agentID, "correlation_id", correlationID,
+			"kas_url", skip.url, "cause", skip.cause, "error", skip.err.Error(), "skipped_for", pause.String())
 	}
 }
 
@@ -261,7 +387,14 @@ func (r *Router) noteSkip(skip *skipError, agentID int64, correlationID string) 
 type skipError struct {
 	url    string
 	reason string
-	err    error
+	// cause says briefly what failed, with the fix when known; it is logged
+	// and shown to the caller when no node takes the request.
+	cause string
+	err   error
+}
+
+func newSkipError(rawURL, reason string, err error) *skipError {
+	return &skipError{url: rawURL, reason: reason, cause: describeFailure(reason, err), err: err}
 }
 
 func (e *skipError) Error() string { return fmt.Sprintf("kas node %s: %v", e.url, e.err) }
@@ -346,10 +479,17 @@ type call struct {
 
 // attempt forwards req to the node at rawURL. A *skipError means the node
 // did not take the request and it can go elsewhere.
+//
+// The node takes a request by sending the stream's response headers as soon
+// as it has a tunnel for the agent, before it sends the request on (see
+// Server.roundTrip). Connecting and that acknowledgement must come within
+// the accept timeout; otherwise the stream is cancelled, which the node sees
+// before it can act on the request, and the request is free to go to
+// another node.
 func (r *Router) attempt(req *http.Request, rawURL string, head *peerpb.RequestHead, upgrade bool) (*http.Response, error) {
 	pc, err := r.pool.get(rawURL)
 	if err != nil {
-		return nil, &skipError{url: rawURL, reason: reasonBadURL, err: err}
+		return nil, newSkipError(rawURL, reasonBadURL, err)
 	}
 	bodySent := false
 	// A request that fails here for good still owes its body a Close
@@ -363,30 +503,43 @@ func (r *Router) attempt(req *http.Request, rawURL string, head *peerpb.RequestH
 	c := &call{r: r, pc: pc, agentID: head.AgentId, reqCtx: req.Context()}
 	c.in.msg = &c.msg
 	c.ctx, c.cancel = context.WithCancelCause(c.reqCtx)
+	accept := c.startAcceptTimer(r.opts.AcceptTimeout)
 	c.stream, err = pc.client.RoundTrip(c.ctx)
 	if err != nil {
+		timedOut := !accept.taken()
 		c.finish()
-		if c.reqCtx.Err() != nil {
+		switch {
+		case c.reqCtx.Err() != nil:
 			return fatal(c.failure(err))
+		case timedOut:
+			return nil, newSkipError(rawURL, reasonTimeout, accept.err)
 		}
-		return nil, &skipError{url: rawURL, reason: reasonUnreachable, err: explainDialError(err)}
+		return nil, newSkipError(rawURL, reasonUnreachable, err)
 	}
 	// An error here means the stream has ended; RecvMsg below says why.
 	_ = c.stream.SendMsg(&peerpb.ClientMessage{Msg: &peerpb.ClientMessage_Head{Head: head}})
-	switch {
-	case !head.EndOfBody:
-		if md, _ := c.stream.Header(); md != nil { // the node has a tunnel
-			bodySent = true
-			go c.sendBody(req.Body, req.ContentLength)
-		}
-	case !upgrade:
+	if head.EndOfBody && !upgrade {
 		_ = c.stream.CloseSend()
+	}
+	// The node's headers: it took the request. A status without headers
+	// (no tunnel, refused) is an answer too; RecvMsg returns it.
+	md, _ := c.stream.Header()
+	if !accept.taken() {
+		c.finish()
+		if c.reqCtx.Err() != nil {
+			return fatal(c.failure(accept.err))
+		}
+		return nil, newSkipError(rawURL, reasonTimeout, accept.err)
+	}
+	if !head.EndOfBody && md != nil {
+		bodySent = true
+		go c.sendBody(req.Body, req.ContentLength)
 	}
 	if err := c.stream.RecvMsg(&c.in); err != nil {
 		c.finish()
 		if !bodySent && c.reqCtx.Err() == nil {
 			if reason := skipReason(err, idempotent(head.Method)); reason != "" {
-				return nil, &skipError{url: rawURL, reason: reason, err: err}
+				return nil, newSkipError(rawURL, reason, err)
 			}
 		}
 		return fatal(c.failure(err))
@@ -397,6 +550,33 @@ func (r *Router) attempt(req *http.Request, rawURL string, head *peerpb.RequestH
 		return fatal(fmt.Errorf("forward request to agent %d via kas node %s: the node's answer does not start with a valid response head", c.agentID, rawURL))
 	}
 	return c.response(req, rh, upgrade), nil
+}
+
+// acceptTimer cancels a call whose node has not taken the request in time.
+// Exactly one of the timer and taken wins, so a node's acknowledgement that
+// arrives as the time runs out either counts or the call is cancelled, never
+// both.
+type acceptTimer struct {
+	timer *time.Timer
+	state atomic.Int32 // 0 waiting, 1 taken, 2 timed out
+	err   error
+}
+
+func (c *call) startAcceptTimer(d time.Duration) *acceptTimer {
+	a := &acceptTimer{err: fmt.Errorf("the node did not take the request within %s (private_api.accept_timeout)", d)}
+	a.timer = time.AfterFunc(d, func() {
+		if a.state.CompareAndSwap(0, 2) {
+			c.cancel(a.err)
+		}
+	})
+	return a
+}
+
+// taken stops the timer and reports whether the node took the request in
+// time.
+func (a *acceptTimer) taken() bool {
+	a.timer.Stop()
+	return a.state.CompareAndSwap(0, 1) || a.state.Load() == 1
 }
 
 // skipReason says whether a call that failed before any response can go to
@@ -442,20 +622,44 @@ func idempotent(method string) bool {
 	return false
 }
 
-// explainDialError adds the fix to TLS failures an operator can fix.
-func explainDialError(err error) error {
+// describeFailure says briefly why a node did not take a request, with the
+// fix an operator can make where there is one. gRPC keeps only the text of
+// connection errors, so they are recognized by their stable wording.
+func describeFailure(reason string, err error) string {
 	msg := err.Error()
-	switch {
-	case tlsutil.IsUnknownAuthority(err):
-		return fmt.Errorf("%w (add the CA of the nodes' certificates to private_api.listen.ca_certificate_file or SSL_CERT_DIR)", err)
-	case strings.Contains(msg, "certificate is valid for") || strings.Contains(msg, "certificate is not valid for"):
-		return fmt.Errorf("%w (OWN_PRIVATE_API_HOST must be a name in the nodes' certificates)", err)
-	case strings.Contains(msg, "error reading server preface"):
-		return fmt.Errorf("%w (if the node's private API uses TLS, its URL must be grpcs://)", err)
-	case strings.Contains(msg, "first record does not look like a TLS handshake"):
-		return fmt.Errorf("%w (the node's private API does not use TLS; its URL must be grpc://)", err)
+	if st, ok := status.FromError(err); ok {
+		msg = st.Message()
 	}
-	return err
+	switch {
+	case reason == reasonTimeout:
+		return msg
+	case tlsutil.IsUnknownAuthority(err):
+		return "TLS: the node's certificate is signed by an unknown authority (add the CA of the nodes' certificates to private_api.listen.ca_certificate_file or SSL_CERT_DIR)"
+	case strings.Contains(msg, "certificate is valid for") || strings.Contains(msg, "certificate is not valid for"):
+		return "TLS name mismatch: " + x509Detail(msg) + " (OWN_PRIVATE_API_HOST must be a name in the nodes' certificates)"
+	case strings.Contains(msg, "x509: "):
+		return "TLS: " + x509Detail(msg)
+	case strings.Contains(msg, "error reading server preface"):
+		return "the node did not answer in HTTP/2 (if its private API uses TLS, its URL must be grpcs://)"
+	case strings.Contains(msg, "first record does not look like a TLS handshake"):
+		return "the node's private API does not use TLS (its URL must be grpc://)"
+	case strings.Contains(msg, "connection refused"):
+		return "connection refused (is kas running there, listening on its private API?)"
+	case status.Code(err) == codes.Unauthenticated:
+		return "the node refused this node's token: " + msg
+	case status.Code(err) == codes.Unimplemented:
+		return "the node does not serve this private API (an older or different kas?): " + msg
+	}
+	return msg
+}
+
+// x509Detail returns the x509 part of a TLS error message, without the
+// layers of wrapping around it.
+func x509Detail(msg string) string {
+	if i := strings.Index(msg, "x509: "); i >= 0 {
+		msg = msg[i+len("x509: "):]
+	}
+	return strings.TrimRight(msg, `"`)
 }
 
 // response makes the *http.Response for head; its body reads the stream.

@@ -254,13 +254,19 @@ func (s *Server) roundTrip(stream forwardStream) error {
 		s.results.noTunnel.Inc()
 		return noTunnelStatus(head.AgentId)
 	}
+	// Tell the caller this node takes the request: it stops its accept
+	// timer and starts sending the body. Until now it could still take the
+	// request to another node, and if it gave up on this one (the stream is
+	// cancelled), the request must go no further here.
+	if err := stream.SendHeader(nil); err != nil {
+		s.results.canceled.Inc()
+		return err
+	}
+	if ctx.Err() != nil {
+		s.results.canceled.Inc()
+		return status.FromContextError(ctx.Err()).Err()
+	}
 	if !head.EndOfBody {
-		// Tell the caller this node serves the request, so it starts sending
-		// the body; until now it could still take it to another node.
-		if err := stream.SendHeader(nil); err != nil {
-			s.results.canceled.Inc()
-			return err
-		}
 		req.Body = newRequestBody(stream)
 	}
 	resp, err := tun.RoundTrip(req)

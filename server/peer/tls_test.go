@@ -88,7 +88,7 @@ func TestForwardOverTLS(t *testing.T) {
 		{name: "wrong OWN_PRIVATE_API_HOST", roots: true, serverName: "other.internal",
 			wantErr: []string{"certificate is valid for kas.internal", "OWN_PRIVATE_API_HOST must be a name in the nodes' certificates"}},
 		{name: "CA not trusted", serverName: "kas.internal",
-			wantErr: []string{"certificate signed by unknown authority", "ca_certificate_file"}},
+			wantErr: []string{"signed by an unknown authority", "ca_certificate_file"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

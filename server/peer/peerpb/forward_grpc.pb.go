@@ -38,9 +38,13 @@ type ForwardClient interface {
 	//
 	// Client to server: a RequestHead; unless the head says end_of_body, the
 	// request body follows as data messages, ended by half-closing the stream.
-	// Before sending body data the client waits for the server's response
-	// headers (gRPC metadata), which the server sends once it has a tunnel, so
-	// a body is never spent on a node that cannot serve it.
+	// The server acknowledges every request with its response headers (gRPC
+	// metadata) as soon as it has a tunnel for the agent, before it sends the
+	// request on. The client sends body data only after them, so a body is
+	// never spent on a node that cannot serve it; a client that gets neither
+	// them nor a status within its accept timeout cancels the stream and may
+	// send the request to another node, and a server that finds the stream
+	// cancelled once it has acknowledged does not send the request on.
 	//
 	// Server to client: a ResponseHead; unless it says end_of_body, the
 	// response body follows as data messages, then an optional Trailer; the
@@ -91,9 +95,13 @@ type ForwardServer interface {
 	//
 	// Client to server: a RequestHead; unless the head says end_of_body, the
 	// request body follows as data messages, ended by half-closing the stream.
-	// Before sending body data the client waits for the server's response
-	// headers (gRPC metadata), which the server sends once it has a tunnel, so
-	// a body is never spent on a node that cannot serve it.
+	// The server acknowledges every request with its response headers (gRPC
+	// metadata) as soon as it has a tunnel for the agent, before it sends the
+	// request on. The client sends body data only after them, so a body is
+	// never spent on a node that cannot serve it; a client that gets neither
+	// them nor a status within its accept timeout cancels the stream and may
+	// send the request to another node, and a server that finds the stream
+	// cancelled once it has acknowledged does not send the request on.
 	//
 	// Server to client: a ResponseHead; unless it says end_of_body, the
 	// response body follows as data messages, then an optional Trailer; the
