@@ -6,6 +6,8 @@ package registry
 import (
 	"context"
 	"errors"
+	"math"
+	"math/rand/v2"
 	"net/http"
 	"time"
 )
@@ -70,5 +72,22 @@ type Registry interface {
 	Tunnels(ctx context.Context, agentIDs ...int64) ([]TunnelInfo, error)
 }
 
+// Refresher is implemented by registries that publish tunnels' Info
+// beyond this node (Redis): Refresh republishes a registered tunnel's Info
+// after it changed, e.g. when GitLab's agentk reports its version after
+// its connection became a tunnel. A registry that reads Info when asked
+// (Memory) needs no Refresh.
+type Refresher interface {
+	Refresh(t Tunnel)
+}
+
 // ErrNoTunnel means no node holds a tunnel for the agent.
 var ErrNoTunnel = errors.New("agent is not connected")
+
+// NewConnectionID returns a random positive int63 to identify one agent
+// connection (TunnelInfo.ConnectionID). Random rather than counted, so IDs
+// from different nodes and restarts do not collide in GitLab's agent
+// tracker.
+func NewConnectionID() int64 {
+	return rand.Int64N(math.MaxInt64) + 1
+}
