@@ -71,7 +71,7 @@ func (c *Conn) ReceiveConfiguration(_ context.Context, _ []byte, doc json.RawMes
 	projectPath, _ := agent.GitalyRepository["gl_project_path"].(string)
 	msg, err := agentConfiguration(doc, agent.AgentID, agent.ProjectID, projectPath, c.srv.opts.GitLabExternalURL)
 	if err != nil {
-		c.log.Warn("Config: failed to send to agent; GitLab's agentk keeps its last configuration", "error", err.Error())
+		c.logger().Warn("Config: failed to send to agent; GitLab's agentk keeps its last configuration", "error", err.Error())
 		return nil // nothing to retry until the file changes
 	}
 	c.mu.Lock()

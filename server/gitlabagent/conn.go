@@ -31,7 +31,7 @@ type Conn struct {
 	srv  *Server
 	nc   *notifyConn
 	grpc *grpc.Server
-	log  *slog.Logger
+	log  *slog.Logger // with the remote address; see logger
 
 	// authMu makes a connection's concurrent first calls authenticate once.
 	authMu sync.Mutex
@@ -40,6 +40,8 @@ type Conn struct {
 	token string            // the agent token the connection authenticated with
 	agent *gitlab.AgentInfo // nil until then
 	info  registry.TunnelInfo
+	// agentLog is log with the agent's ID once it is known.
+	agentLog *slog.Logger
 	// draining is set when the connection is being closed: no new call
 	// gets an idle tunnel, and new tunnels and configuration streams end.
 	draining bool
@@ -94,6 +96,16 @@ func (c *Conn) serve() {
 	<-c.nc.done
 	c.startDrain()
 	c.grpc.Stop()
+}
+
+// logger is the connection's logger, with the agent's ID once known.
+func (c *Conn) logger() *slog.Logger {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.agentLog != nil {
+		return c.agentLog
+	}
+	return c.log
 }
 
 // Info describes the connection; what the agent reported about itself
@@ -207,8 +219,10 @@ func (c *Conn) authenticate(ctx context.Context) error {
 	c.info.AgentID, c.info.ProjectID = agent.AgentID, agent.ProjectID
 	c.info.ConnectedAt = time.Now().UTC()
 	c.mu.Unlock()
-	c.log = c.log.With("agent_id", agent.AgentID)
-	go c.srv.opts.Lifecycle.Serve(c.log, c, *agent)
+	go c.srv.opts.Lifecycle.Serve(c.log, c, *agent) // adds agent_id to the log
+	c.mu.Lock()
+	c.agentLog = c.log.With("agent_id", agent.AgentID)
+	c.mu.Unlock()
 	return nil
 }
 
@@ -258,7 +272,7 @@ func (c *Conn) unserved(_ any, ss grpc.ServerStream) error {
 	}
 	c.mu.Unlock()
 	if first {
-		c.log.Warn("GitLab agentk called a method kas does not serve; that agentk feature stays off (agentk retries with backoff)", "method", method)
+		c.logger().Warn("GitLab agentk called a method kas does not serve; that agentk feature stays off (agentk retries with backoff)", "method", method)
 	}
 	return status.Errorf(codes.Unimplemented, "kas does not serve %s; see kas's README, section \"GitLab's agentk\", for the features it serves", method)
 }

@@ -79,7 +79,13 @@ func (c *Conn) connect(stream connectStream) error {
 		if c.withdraw(t) {
 			return status.FromContextError(ctx.Err()).Err()
 		}
-		return (<-t.assigned).wait(ctx) // taken meanwhile: the call sees the stream end
+		// Taken or released meanwhile: a call sees the stream end.
+		select {
+		case cl := <-t.assigned:
+			return cl.wait(ctx)
+		case <-t.release:
+			return status.FromContextError(ctx.Err()).Err()
+		}
 	}
 }
 

@@ -84,7 +84,7 @@ func (s gitlabAccessService) MakeRequest(stream httpStream) error {
 		if ctx.Err() != nil {
 			return status.FromContextError(ctx.Err()).Err()
 		}
-		c.log.Warn("Forward agentk module request to GitLab", "module", extra.GetModuleName(), "error", err.Error())
+		c.logger().Warn("Forward agentk module request to GitLab", "module", extra.GetModuleName(), "error", err.Error())
 		return status.Errorf(codes.Unavailable, "forward module request to GitLab: %v", err)
 	}
 	defer resp.Body.Close()
