@@ -3,7 +3,13 @@ package e2e
 import (
 	"bufio"
 	"bytes"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/base64"
+	"encoding/pem"
 	"fmt"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -13,6 +19,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/kasproject/kas/internal/fakekube"
 )
 
 // gitlabAgentkEnv names the variable that overrides where GitLab's agentk
@@ -51,9 +59,14 @@ type gitlabAgentk struct {
 type gitlabAgentkOptions struct {
 	kasAddress string // ws://…, wss://…, grpc://…
 	token      string
-	kubeURL    string // the cluster's API server
+	// kube is the cluster; agentk reaches it over HTTPS, since client-go
+	// sends a kubeconfig's token only over TLS.
+	kube *fakekube.Server
 	pod        string // POD_NAME
 	caFile     string // --ca-cert-file, for wss://
+	// tlsServerName is --kas-tls-server-name: the name kas's certificate
+	// carries, which 127.0.0.1 is not.
+	tlsServerName string
 }
 
 // startGitLabAgentk runs GitLab's agentk; it is killed when the test ends
@@ -66,14 +79,26 @@ func startGitLabAgentk(t *testing.T, o gitlabAgentkOptions) *gitlabAgentk {
 	if err := os.WriteFile(tokenFile, []byte(o.token+"\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
+	kubeURL, kubeCA := serveTLS(t, o.kube)
 	kubeconfig := filepath.Join(dir, "kubeconfig")
 	if err := os.WriteFile(kubeconfig, fmt.Appendf(nil, `apiVersion: v1
 kind: Config
-clusters: [{name: c, cluster: {server: %q}}]
-users: [{name: u, user: {token: %q}}]
-contexts: [{name: c, context: {cluster: c, user: u}}]
+clusters:
+- name: c
+  cluster:
+    server: %q
+    certificate-authority-data: %s
+users:
+- name: u
+  user:
+    token: %q
+contexts:
+- name: c
+  context:
+    cluster: c
+    user: u
 current-context: c
-`, o.kubeURL, agentSAToken), 0o600); err != nil {
+`, kubeURL, kubeCA, agentSAToken), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	if o.pod == "" {
@@ -83,6 +108,9 @@ current-context: c
 		"--observability-listen-address", "127.0.0.1:0"}
 	if o.caFile != "" {
 		args = append(args, "--ca-cert-file", o.caFile)
+	}
+	if o.tlsServerName != "" {
+		args = append(args, "--kas-tls-server-name", o.tlsServerName)
 	}
 	a := &gitlabAgentk{cmd: exec.Command(bin, args...), exited: make(chan struct{})}
 	a.cmd.Env = append(os.Environ(), "POD_NAMESPACE=gitlab-agent", "POD_NAME="+o.pod)
@@ -137,3 +165,34 @@ func (a *gitlabAgentk) waitLog(t *testing.T, s string) {
 		func() string { return fmt.Sprintf("GitLab's agentk never logged %q", s) })
 }
 
+
+// tlsTransport trusts the CA in caFile and expects serverName in the
+// server's certificate.
+func tlsTransport(t *testing.T, caFile, serverName string) *http.Transport {
+	t.Helper()
+	pem, err := os.ReadFile(caFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pem) {
+		t.Fatalf("no certificate in %s", caFile)
+	}
+	tr := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool, ServerName: serverName}, ForceAttemptHTTP2: true}
+	t.Cleanup(tr.CloseIdleConnections)
+	return tr
+}
+
+// serveTLS serves kube over HTTPS (HTTP/1.1, as API servers answer
+// upgrades) until the test ends, and returns its URL and its certificate
+// as base64 PEM for a kubeconfig.
+func serveTLS(t *testing.T, kube *fakekube.Server) (string, string) {
+	t.Helper()
+	srv := httptest.NewTLSServer(kube)
+	t.Cleanup(func() {
+		srv.CloseClientConnections()
+		srv.Close()
+	})
+	ca := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: srv.Certificate().Raw})
+	return srv.URL, base64.StdEncoding.EncodeToString(ca)
+}
