@@ -16,14 +16,17 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/protobuf/encoding/protojson"
+	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	corev1 "k8s.io/api/core/v1"
 
 	"github.com/kasproject/kas/internal/fakekube"
 	"github.com/kasproject/kas/protocol"
 	"github.com/kasproject/kas/registry"
 	"github.com/kasproject/kas/server/config"
+	"github.com/kasproject/kas/server/internalapi/gitlabpb"
+	"github.com/kasproject/kas/server/kasjwt"
 )
 
 // These tests run GitLab's own agentk, unchanged (../shared/bin/gitlab-agentk,
@@ -66,7 +69,9 @@ func gitlabTunnel(t *testing.T, observability string, agentID int64) registry.Tu
 			}
 		}
 		return len(got) == 1 && got[0].KubernetesVersion != ""
-	}, func() string { return fmt.Sprintf("kas lists %+v for agent %d; want one connection with its Kubernetes version", got, agentID) })
+	}, func() string {
+		return fmt.Sprintf("kas lists %+v for agent %d; want one connection with its Kubernetes version", got, agentID)
+	})
 	return got[0]
 }
 
@@ -500,6 +505,72 @@ func TestGitLabAgentkRestartsAndReplicas(t *testing.T) {
 	for i, k := range kubes {
 		if len(k.Requests()) == before[i] {
 			t.Errorf("replica agentk-%d served none of 30 requests", i)
+		}
+	}
+}
+
+// TestGitLabAgentkAcrossNodes runs two kas processes sharing a
+// redis-server, with GitLab's agentk connected to the first: a request
+// entering the second is forwarded to it, identity included, and both
+// nodes' internal APIs list the agent with what it reported about itself.
+func TestGitLabAgentkAcrossNodes(t *testing.T) {
+	t.Parallel()
+	bin := buildKAS(t)
+	e := newWorld(t)
+	c := newCluster(t, bin, clusterOptions{standaloneFile: e.scenarioFile})
+	a := c.startNode(t, "kas-a", nodeOptions{})
+	b := c.startNode(t, "kas-b", nodeOptions{})
+	for _, ag := range []testAgent{asAgent, asCIJob} {
+		startGitLabAgentk(t, gitlabAgentkOptions{
+			kasAddress: "ws://" + a.public + "/-/kubernetes-agent/", token: ag.token, kube: e.kube, pod: "agentk-" + ag.name,
+		})
+	}
+	waitHolders(t, []*node{a, b}, asAgent.id, a)
+	waitHolders(t, []*node{a, b}, asCIJob.id, a)
+	if err := listNamespaces(t, e, b, pat(asAgent.id, alicePAT)); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), waitFor)
+	defer cancel()
+	resp, err := get(ctx, e, b, "/api/v1/namespaces/across/pods", ciJob(asCIJob.id, jobToken))
+	if err != nil {
+		t.Fatal(err)
+	}
+	expectStatus(t, resp, http.StatusNotFound, metav1.StatusReasonNotFound) // the cluster's own
+	got, ok := e.kube.LastRequest("/api/v1/namespaces/across/pods")
+	if !ok || got.Header.Get("Impersonate-User") != fmt.Sprintf("gitlab:ci_job:%d", jobID) {
+		t.Fatalf("the cluster saw %v, want the CI job's identity across the hop", got.Header)
+	}
+	if n, err := b.metric(`kas_peer_forwards_total{result="ok"}`); err != nil || n < 2 {
+		t.Errorf("kas-b forwarded %v requests (%v), want both", n, err)
+	}
+
+	// GitLab Rails asks either node which agents are connected.
+	token, err := kasjwt.Sign(c.opts.apiSecret, "gitlab", kasjwt.AudienceKAS, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range []*node{a, b} {
+		var meta *gitlabpb.AgentMeta
+		eventually(t, func() bool {
+			req, _ := http.NewRequest(http.MethodGet, "http://"+n.api+"/api/v1/connected_agents?agent_id="+fmt.Sprint(asAgent.id), nil)
+			req.Header.Set("Authorization", "Bearer "+token)
+			resp, err := e.client.Do(req)
+			if err != nil {
+				return false
+			}
+			defer resp.Body.Close()
+			body, _ := io.ReadAll(resp.Body)
+			var answer gitlabpb.GetConnectedAgentsByAgentIDsResponse
+			if protojson.Unmarshal(body, &answer) != nil || len(answer.GetAgents()) != 1 {
+				return false
+			}
+			meta = answer.GetAgents()[0].GetAgentMeta()
+			return meta.GetKubernetesVersion().GetGitVersion() != ""
+		}, func() string { return fmt.Sprintf("%s lists agent %d with %v", n.name, asAgent.id, meta) })
+		if meta.GetVersion() != gitlabAgentkVersion || meta.GetPodName() != "agentk-"+asAgent.name ||
+			meta.GetKubernetesVersion().GetGitVersion() != "v1.33.0-fakekube" {
+			t.Errorf("%s lists the agent as %v; want GitLab's agentk %s in pod agentk-%s on v1.33.0-fakekube", n.name, meta, gitlabAgentkVersion, asAgent.name)
 		}
 	}
 }

@@ -77,11 +77,15 @@ type Options struct {
 	// IdleTunnelWait bounds how long a request waits for the agent to
 	// offer an idle reverse tunnel on a connection (default 20s).
 	IdleTunnelWait time.Duration
+	// KeepaliveMinTime is the shortest interval between agentk's pings
+	// kas accepts, with or without calls in flight (default
+	// DefaultKeepaliveMinTime); a client pinging more often is cut off.
+	KeepaliveMinTime time.Duration
 }
 
-// keepaliveMinTime is the shortest interval between client pings kas
-// accepts: GitLab's agentk pings every 55 s, with or without calls.
-const keepaliveMinTime = 20 * time.Second
+// DefaultKeepaliveMinTime accepts GitLab agentk's pings, which it sends
+// every 55 s whether or not a call is open, as GitLab's KAS does.
+const DefaultKeepaliveMinTime = 20 * time.Second
 
 // Server serves GitLab agentk connections. Shutdown closes them.
 type Server struct {
@@ -103,10 +107,13 @@ func NewServer(opts Options) (*Server, error) {
 	if opts.IdleTunnelWait <= 0 {
 		opts.IdleTunnelWait = 20 * time.Second
 	}
+	if opts.KeepaliveMinTime <= 0 {
+		opts.KeepaliveMinTime = DefaultKeepaliveMinTime
+	}
 	s := &Server{opts: opts, log: opts.Logger, conns: map[*Conn]struct{}{}}
 	s.grpcOpts = []grpc.ServerOption{
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{
-			MinTime:             keepaliveMinTime,
+			MinTime:             opts.KeepaliveMinTime,
 			PermitWithoutStream: true,
 		}),
 		grpc.KeepaliveParams(keepalive.ServerParameters{
