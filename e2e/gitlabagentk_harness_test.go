@@ -61,9 +61,9 @@ type gitlabAgentkOptions struct {
 	token      string
 	// kube is the cluster; agentk reaches it over HTTPS, since client-go
 	// sends a kubeconfig's token only over TLS.
-	kube *fakekube.Server
-	pod        string // POD_NAME
-	caFile     string // --ca-cert-file, for wss://
+	kube   *fakekube.Server
+	pod    string // POD_NAME
+	caFile string // --ca-cert-file, for wss://
 	// tlsServerName is --kas-tls-server-name: the name kas's certificate
 	// carries, which 127.0.0.1 is not.
 	tlsServerName string
@@ -164,7 +164,6 @@ func (a *gitlabAgentk) waitLog(t *testing.T, s string) {
 	eventually(t, func() bool { return strings.Contains(a.logs(), s) },
 		func() string { return fmt.Sprintf("GitLab's agentk never logged %q", s) })
 }
-
 
 // tlsTransport trusts the CA in caFile and expects serverName in the
 // server's certificate.

@@ -64,7 +64,7 @@ type Server struct {
 	endpoint       *tunnel.Endpoint
 	// gitlabAgents serves GitLab's own agentk (gRPC), beside endpoint.
 	gitlabAgents *gitlabagent.Server
-	internal       *internalapi.Handler
+	internal     *internalapi.Handler
 	// acme gets agent.listen's certificates when tls.acme is set.
 	acme *tlsutil.ACME
 	// redis is the node's Redis client once built (see redisClient).

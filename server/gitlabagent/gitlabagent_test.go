@@ -71,7 +71,7 @@ func newFixture(t *testing.T, mutate func(*Options)) *fixture {
 	reg := registry.NewMemory()
 	ep, err := tunnel.NewEndpoint(tunnel.Options{
 		API: agents{
-			goodToken:    {AgentID: 1, ProjectID: 100, AgentName: "prod", GitalyRepository: map[string]any{"gl_project_path": "acme/infra"}},
+			goodToken:     {AgentID: 1, ProjectID: 100, AgentName: "prod", GitalyRepository: map[string]any{"gl_project_path": "acme/infra"}},
 			"other-token": {AgentID: 2, ProjectID: 100, AgentName: "stage"},
 		},
 		Registry: reg, Logger: log,

@@ -206,4 +206,3 @@ func isHop(canonical string) bool {
 	}
 	return false
 }
-
