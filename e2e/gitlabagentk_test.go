@@ -87,6 +87,7 @@ func TestGitLabAgentkConnects(t *testing.T) {
 		{"ws", false, func(p string) string { return "ws://" + p + "/-/kubernetes-agent/" }},
 		{"wss", true, func(p string) string { return "wss://" + p + "/-/kubernetes-agent/" }},
 		{"grpc", false, func(p string) string { return "grpc://" + p }},
+		{"grpcs", true, func(p string) string { return "grpcs://" + p }},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()

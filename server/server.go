@@ -17,6 +17,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/redis/go-redis/v9"
+	"golang.org/x/net/http2"
 
 	"github.com/kasproject/kas/middleware"
 	"github.com/kasproject/kas/registry"
@@ -446,6 +447,13 @@ func (s *Server) Run(ctx context.Context) error {
 		}
 		if l.protocols != nil {
 			l.srv.Protocols = l.protocols
+		}
+		if l.name == publicListener && l.tls != nil {
+			// GitLab's agentk over grpcs:// shares the public listener:
+			// HTTP/2 connections are told apart by their first request.
+			l.srv.TLSNextProto = map[string]func(*http.Server, *tls.Conn, http.Handler){
+				"h2": s.gitlabAgents.TLSNextProtoH2(&http2.Server{}),
+			}
 		}
 	}
 
