@@ -85,6 +85,7 @@ func TestGitLabAgentkConnects(t *testing.T) {
 		address func(public string) string
 	}{
 		{"ws", false, func(p string) string { return "ws://" + p + "/-/kubernetes-agent/" }},
+		{"ws-root", false, func(p string) string { return "ws://" + p }}, // kas on its own hostname
 		{"wss", true, func(p string) string { return "wss://" + p + "/-/kubernetes-agent/" }},
 		{"grpc", false, func(p string) string { return "grpc://" + p }},
 		{"grpcs", true, func(p string) string { return "grpcs://" + p }},
