@@ -78,6 +78,7 @@ func newConn(s *Server, nc net.Conn) *Conn {
 		grpc.ChainUnaryInterceptor(c.authenticateUnary),
 		grpc.ChainStreamInterceptor(c.authenticateStream),
 		grpc.UnknownServiceHandler(c.unserved),
+		grpc.ForceServerCodecV2(codec{}),
 	}, s.grpcOpts...)
 	c.grpc = grpc.NewServer(opts...)
 	agentkpb.RegisterReverseTunnelServer(c.grpc, reverseTunnelService{c: c})

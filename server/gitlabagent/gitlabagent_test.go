@@ -377,7 +377,7 @@ func responseHead(code int32, header map[string]string) *agentkpb.HttpResponse {
 		Response: &prototoolpb.HttpResponse{StatusCode: code, Status: http.StatusText(int(code)), Header: h}}}}
 }
 
-func responseData(s string) *agentkpb.HttpResponse {
+func dataMessage(s string) *agentkpb.HttpResponse {
 	return &agentkpb.HttpResponse{Message: &agentkpb.HttpResponse_Data_{Data: &agentkpb.HttpResponse_Data{Data: []byte(s)}}}
 }
 
@@ -438,7 +438,7 @@ func TestRoundTripThroughReverseTunnel(t *testing.T) {
 		t.Errorf("body %q (length %d), want the request's", body, head.GetContentLength())
 	}
 
-	sendResponse(t, stream, responseHead(200, map[string]string{"Content-Type": "text/plain"}), responseData("hello "))
+	sendResponse(t, stream, responseHead(200, map[string]string{"Content-Type": "text/plain"}), dataMessage("hello "))
 	res := <-done
 	if res.err != nil {
 		t.Fatal(res.err)
@@ -452,7 +452,7 @@ func TestRoundTripThroughReverseTunnel(t *testing.T) {
 	if _, err := io.ReadFull(res.resp.Body, buf); err != nil || string(buf) != "hello " {
 		t.Fatalf("first chunk %q, %v", buf, err)
 	}
-	sendResponse(t, stream, responseData("world"), responseTrailer)
+	sendResponse(t, stream, dataMessage("world"), responseTrailer)
 	if err := stream.CloseSend(); err != nil {
 		t.Fatal(err)
 	}
@@ -504,7 +504,7 @@ func TestRoundTripErrorsAndCancellation(t *testing.T) {
 			done <- err
 		}()
 		receiveRequest(t, stream)
-		sendResponse(t, stream, responseHead(200, nil), responseData("{}"))
+		sendResponse(t, stream, responseHead(200, nil), dataMessage("{}"))
 		cancel()
 		if err := <-done; err == nil {
 			t.Fatal("a cancelled watch ended without an error")

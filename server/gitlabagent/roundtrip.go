@@ -301,6 +301,7 @@ func (c *Conn) RoundTrip(req *http.Request) (*http.Response, error) {
 		return nil, fmt.Errorf("send request to the agent: %w", err)
 	}
 	body := &responseBody{cl: cl}
+	body.data.Data = &agentkpb.HttpResponse_Data{}
 	resp, err := body.readHead(req)
 	if err != nil {
 		cl.finish(status.Error(codes.Canceled, "no response"))
@@ -464,6 +465,7 @@ type responseBody struct {
 	cl       *call
 	in       agentkpb.ConnectRequest // reused for each message
 	msg      agentkpb.HttpResponse
+	data     agentkpb.HttpResponse_Data_ // a body chunk, pointing into in
 	rest     []byte
 	err      error
 	complete bool // the HTTP trailer arrived: the body is whole
@@ -512,7 +514,9 @@ func (b *responseBody) readHead(req *http.Request) (*http.Response, error) {
 }
 
 // next receives the next HTTP-over-gRPC message of the response, skipping
-// the gRPC header and trailer metadata.
+// the gRPC header and trailer metadata. A body chunk is returned as
+// *agentkpb.HttpResponse_Data_ pointing into the received message, which
+// stays valid until the next call.
 func (b *responseBody) next() (any, error) {
 	for {
 		if err := b.cl.t.stream.RecvMsg(&b.in); err != nil {
@@ -529,6 +533,10 @@ func (b *responseBody) next() (any, error) {
 		}
 		switch m := b.in.Msg.(type) {
 		case *agentkpb.ConnectRequest_Message:
+			if data, ok := responseData(m.Message.GetData()); ok { // most messages: no second copy
+				b.data.Data.Data = data
+				return &b.data, nil
+			}
 			if err := proto.Unmarshal(m.Message.GetData(), &b.msg); err != nil {
 				return nil, fmt.Errorf("decode response message from the agent: %w", err)
 			}
