@@ -88,8 +88,19 @@ func newConn(s *Server, nc net.Conn) *Conn {
 	return c
 }
 
+// authenticationTimeout closes a connection on which no call has
+// authenticated by then: agentk calls at once, so it is not an agent.
+const authenticationTimeout = time.Minute
+
 // serve runs the connection's gRPC server until the connection ends.
 func (c *Conn) serve() {
+	unauthenticated := time.AfterFunc(authenticationTimeout, func() {
+		if !c.authenticated() {
+			c.logger().Info("Closing a GitLab agentk connection on which no call authenticated within a minute")
+			_ = c.Close()
+		}
+	})
+	defer unauthenticated.Stop()
 	_ = c.grpc.Serve(newOneConnListener(c.nc))
 	// Serve returns once it has nothing more to accept; the connection
 	// is over when it closes (agentk gone, or drained and closed by
