@@ -64,8 +64,8 @@ func gitlabTunnel(t *testing.T, observability string, agentID int64) registry.Tu
 		}
 		got = nil
 		for _, a := range st.Agents {
-			if a.AgentID == agentID {
-				got = append(got, a)
+			if a.ID == agentID {
+				got = append(got, a.Connections...)
 			}
 		}
 		return len(got) == 1 && got[0].KubernetesVersion != ""
@@ -488,8 +488,10 @@ func TestGitLabAgentkRestartsAndReplicas(t *testing.T) {
 	}
 	pods := map[string]bool{}
 	for _, a := range st.Agents {
-		if a.AgentID == asAgent.id && a.Flavor == registry.FlavorGitLab {
-			pods[a.PodName] = true
+		for _, c := range a.Connections {
+			if a.ID == asAgent.id && c.Flavor == registry.FlavorGitLab {
+				pods[c.PodName] = true
+			}
 		}
 	}
 	if len(pods) != 3 {
