@@ -15,7 +15,7 @@ import (
 func TestDoModuleRequest(t *testing.T) {
 	type seen struct {
 		method, path, query, auth, contentType, body string
-		header                                        http.Header
+		header                                       http.Header
 	}
 	got := make(chan seen, 1)
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
