@@ -578,3 +578,35 @@ func TestGitLabAgentkAcrossNodes(t *testing.T) {
 		}
 	}
 }
+
+// TestGitLabAgentkMaxConnectionAge lets GitLab's agentk connections reach
+// agent.listen.max_connection_age while requests keep coming: each is
+// drained (GOAWAY, in-flight requests finish), agentk opens a new one at
+// once, and no request fails.
+func TestGitLabAgentkMaxConnectionAge(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, func(c *config.Config) { c.Agent.Listen.MaxConnectionAge = config.Duration(time.Second) })
+	g := e.startGitLabAgentkFor(t, asAgent, "agentk-aging")
+	cred := pat(asAgent.id, alicePAT)
+	connections := map[int64]bool{}
+	deadline := time.Now().Add(4 * time.Second)
+	for n := 0; time.Now().Before(deadline); n++ {
+		if err := listNamespacesVia(e, cred); err != nil {
+			t.Fatalf("request %d: %v", n, err)
+		}
+		if st, err := fetchStatus(e.kas.observability); err == nil {
+			for _, a := range st.Agents {
+				for _, c := range a.Connections {
+					connections[c.ConnectionID] = true
+				}
+			}
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if len(connections) < 3 {
+		t.Errorf("kas listed %d connections over 4 s with a 1 s max_connection_age; want agentk to have reconnected", len(connections))
+	}
+	if strings.Contains(g.logs(), `"level":"error"`) && strings.Contains(g.logs(), "Error handling a connection") {
+		t.Errorf("agentk logged errors for drained tunnels:\n%s", g.logs())
+	}
+}
