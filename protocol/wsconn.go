@@ -73,10 +73,19 @@ func (c *wsConn) LocalAddr() net.Addr  { return c.ws.LocalAddr() }
 func (c *wsConn) RemoteAddr() net.Addr { return c.ws.RemoteAddr() }
 
 func (c *wsConn) SetDeadline(t time.Time) error {
-	return errors.Join(c.ws.SetReadDeadline(t), c.ws.SetWriteDeadline(t))
+	return errors.Join(c.SetReadDeadline(t), c.SetWriteDeadline(t))
 }
-func (c *wsConn) SetReadDeadline(t time.Time) error  { return c.ws.SetReadDeadline(t) }
-func (c *wsConn) SetWriteDeadline(t time.Time) error { return c.ws.SetWriteDeadline(t) }
+
+func (c *wsConn) SetReadDeadline(t time.Time) error { return c.ws.SetReadDeadline(t) }
+
+// SetWriteDeadline applies from the next write on. It waits for a write
+// in progress, since the WebSocket reads the deadline while it writes
+// (gRPC clears its handshake deadline while its writer already runs).
+func (c *wsConn) SetWriteDeadline(t time.Time) error {
+	c.writeMu.Lock()
+	defer c.writeMu.Unlock()
+	return c.ws.SetWriteDeadline(t)
+}
 
 // mapCloseError turns a normal WebSocket closure into io.EOF so HTTP/2 sees
 // the end of the stream rather than an error.

@@ -255,6 +255,17 @@ func (r *Redis) Unregister(ctx context.Context, t Tunnel) error {
 	return nil
 }
 
+// Refresh republishes t's agent record in the background because t's Info
+// changed; other nodes see it within a write.
+func (r *Redis) Refresh(t Tunnel) {
+	id := t.Info().AgentID
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if !r.closed {
+		r.markLocked(id, false)
+	}
+}
+
 // FindLocal returns one of this node's tunnels for the agent; it never
 // touches Redis.
 func (r *Redis) FindLocal(agentID int64) (Tunnel, bool) { return r.local.FindLocal(agentID) }

@@ -79,6 +79,15 @@ type Registry interface {
 	LastSeen(agentID int64) time.Time
 }
 
+// Refresher is implemented by registries that publish tunnels' Info
+// beyond this node (Redis): Refresh republishes a registered tunnel's Info
+// after it changed, e.g. when GitLab's agentk reports its version after
+// its connection became a tunnel. A registry that reads Info when asked
+// (Memory) needs no Refresh.
+type Refresher interface {
+	Refresh(t Tunnel)
+}
+
 // ErrNoTunnel means no node holds a tunnel for the agent.
 var ErrNoTunnel = errors.New("agent is not connected")
 

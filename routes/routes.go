@@ -9,6 +9,7 @@ import (
 	"net/netip"
 
 	"github.com/go-chi/chi/v5"
+	"github.com/gorilla/websocket"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
@@ -44,13 +45,25 @@ type PublicHandlers struct {
 // Public routes the agent-facing listener:
 //
 //	GET  /-/kubernetes-agent/              agentk's WebSocket (agent token)
+//	GET  /  (WebSocket upgrades only)      the same, for agents given kas's own hostname
+//	                                       (wss://kas.example.com, as GitLab's agentk is)
 //	ANY  /-/kubernetes-agent/k8s-proxy/*   Kubernetes API proxy (CI job, PAT, _gitlab_kas cookie)
 //	ANY  /k8s-proxy/*                      the same proxy, for a kas behind its own hostname
+//
+// GitLab's agentk over grpc:// or grpcs:// shares the listener too, below
+// the router: server/gitlabagent takes its connections before HTTP sees them.
 func Public(c Common, h PublicHandlers) http.Handler {
 	r := chi.NewRouter()
 	c.use(r, "public")
 	r.Use(middleware.ClientAddress(h.TrustedProxies))
 	r.Handle(protocol.AgentPath, h.Agent)
+	r.Handle("/", http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		if !websocket.IsWebSocketUpgrade(req) {
+			http.NotFound(w, req)
+			return
+		}
+		h.Agent.ServeHTTP(w, req)
+	}))
 	mountKubernetesProxy(r, "/-/kubernetes-agent/k8s-proxy", h)
 	mountKubernetesProxy(r, "/k8s-proxy", h)
 	return r

@@ -17,6 +17,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/redis/go-redis/v9"
+	"golang.org/x/net/http2"
 
 	"github.com/kasproject/kas/middleware"
 	"github.com/kasproject/kas/registry"
@@ -24,6 +25,7 @@ import (
 	"github.com/kasproject/kas/server/agentconfig"
 	"github.com/kasproject/kas/server/config"
 	"github.com/kasproject/kas/server/gitlab"
+	"github.com/kasproject/kas/server/gitlabagent"
 	"github.com/kasproject/kas/server/internalapi"
 	"github.com/kasproject/kas/server/k8sproxy"
 	"github.com/kasproject/kas/server/logging"
@@ -68,7 +70,9 @@ type Server struct {
 	usage          *usage.Tracker
 	registry       registry.Registry
 	endpoint       *tunnel.Endpoint
-	internal       *internalapi.Handler
+	// gitlabAgents serves GitLab's own agentk (gRPC), beside endpoint.
+	gitlabAgents *gitlabagent.Server
+	internal     *internalapi.Handler
 	// tokens re-validates connected agents' tokens (Run runs it).
 	tokens *tokencheck.Checker
 	// acme gets agent.listen's certificates when tls.acme is set.
@@ -175,8 +179,12 @@ func New(cfg *config.Config, opts Options) (_ *Server, err error) {
 		Tokens:                       s.tokens,
 		OnConnect:                    onConnect,
 		OnDisconnect:                 onDisconnect,
+		GitLabAgentk:                 gitlabAgentkConns{s},
 	})
 	if err != nil {
+		return nil, err
+	}
+	if err := s.buildGitLabAgents(); err != nil {
 		return nil, err
 	}
 	proxy := k8sproxy.NewHandler(k8sproxy.Options{
@@ -230,6 +238,37 @@ func New(cfg *config.Config, opts Options) (_ *Server, err error) {
 	}
 	return s, nil
 }
+
+// buildGitLabAgents serves GitLab's own agentk, through the same endpoint
+// (authentication, tunnel life) as kas's agentk.
+func (s *Server) buildGitLabAgents() error {
+	opts := gitlabagent.Options{
+		Lifecycle:         s.endpoint,
+		Logger:            s.log,
+		NodeURLs:          s.nodeURLs,
+		GitLabExternalURL: s.cfg.GitLab.ExternalURL,
+		PingInterval:      s.cfg.Agent.Listen.PingInterval.D(),
+		PingTimeout:       s.cfg.Agent.Listen.PingTimeout.D(),
+	}
+	if r, ok := s.registry.(registry.Refresher); ok {
+		opts.Refresh = func(t *gitlabagent.Conn) { r.Refresh(t) }
+	}
+	if s.gitlabClient != nil {
+		opts.GitLab = s.gitlabClient
+	}
+	g, err := gitlabagent.NewServer(opts)
+	if err != nil {
+		return err
+	}
+	s.gitlabAgents = g
+	return nil
+}
+
+// gitlabAgentkConns hands the endpoint's ws-tunnel WebSockets to the
+// GitLab agentk server, built after the endpoint it uses.
+type gitlabAgentkConns struct{ s *Server }
+
+func (g gitlabAgentkConns) ServeConn(c net.Conn) { g.s.gitlabAgents.ServeConn(c) }
 
 // buildAPI chooses GitLab or the standalone files.
 func (s *Server) buildAPI() error {
@@ -443,6 +482,9 @@ func (s *Server) Run(ctx context.Context) error {
 		}
 		if l.tls != nil {
 			ln = tls.NewListener(ln, l.tls)
+		} else if l.name == publicListener {
+			// GitLab's agentk over grpc:// shares the public listener.
+			ln = s.gitlabAgents.SplitListener(ln)
 		}
 		l.ln = ln
 		l.srv = &http.Server{
@@ -457,6 +499,13 @@ func (s *Server) Run(ctx context.Context) error {
 		}
 		if l.protocols != nil {
 			l.srv.Protocols = l.protocols
+		}
+		if l.name == publicListener && l.tls != nil {
+			// GitLab's agentk over grpcs:// shares the public listener:
+			// HTTP/2 connections are told apart by their first request.
+			l.srv.TLSNextProto = map[string]func(*http.Server, *tls.Conn, http.Handler){
+				"h2": s.gitlabAgents.TLSNextProtoH2(&http2.Server{}),
+			}
 		}
 	}
 
@@ -530,6 +579,11 @@ func (s *Server) shutdown() {
 	wg.Go(func() {
 		if err := s.endpoint.Shutdown(ctx); err != nil {
 			s.log.Warn("Agent tunnels still busy at the end of the grace period were closed", "error", err.Error())
+		}
+	})
+	wg.Go(func() {
+		if err := s.gitlabAgents.Shutdown(ctx); err != nil {
+			s.log.Warn("GitLab agentk connections still busy at the end of the grace period were closed", "error", err.Error())
 		}
 	})
 	wg.Wait()

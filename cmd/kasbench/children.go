@@ -31,6 +31,10 @@ type child struct {
 
 	ready readyMessage
 	mu    sync.Mutex // one command at a time
+
+	// signal, if set, stops a child that is not one of kasbench's roles
+	// (GitLab's agentk), which has no stdin to close.
+	signal os.Signal
 }
 
 // startChild runs `<this binary> role args…` and waits until
@@ -188,7 +192,11 @@ func (c *child) snapshot(gc bool) (snapshot, error) {
 // stop closes the child's stdin, which makes it shut down, and waits for it;
 // a child that does not exit in time is killed.
 func (c *child) stop() error {
-	_ = c.stdin.Close()
+	if c.signal != nil {
+		_ = c.cmd.Process.Signal(c.signal)
+	} else {
+		_ = c.stdin.Close()
+	}
 	select {
 	case <-c.waited:
 	case <-time.After(15 * time.Second):

@@ -10,6 +10,8 @@
 //	local   client → kas-a → agentk → upstream, where kas-a is one of two kas
 //	        nodes sharing a redis-server and the agent is connected to kas-a
 //	hop     client → kas-b → kas-a (private API, gRPC) → agentk → upstream
+//	gitlab  client → kas → GitLab's own agentk (WebSocket ws-tunnel, gRPC
+//	        reverse tunnel, HTTP over gRPC) → upstream
 //
 // From one run it prints small-GET throughput and latency at several
 // concurrencies, bulk throughput each way, kas's memory per idle connected
@@ -30,7 +32,9 @@
 // depends far less on what else the machine runs than requests/s do.
 // Memory and CPU readings need Linux's /proc. The local and hop paths need
 // redis-server on PATH (Debian package redis-server); without it they are
-// skipped, with a message, and the rest runs.
+// skipped, with a message, and the rest runs. The gitlab path needs GitLab's
+// agentk binary (-gitlab-agentk, $KAS_GITLAB_AGENTK or
+// ../shared/bin/gitlab-agentk); without it that path is skipped likewise.
 package main
 
 import (
@@ -71,7 +75,9 @@ type settings struct {
 	Paths       []string      `json:"paths"`
 	Tests       []string      `json:"tests"`
 	LoadGen     string        `json:"load_generator"`
-	KASLogLevel string        `json:"kas_log_level"`
+	// GitLabAgentk is GitLab's agentk binary for the gitlab path.
+	GitLabAgentk string `json:"gitlab_agentk,omitempty"`
+	KASLogLevel  string `json:"kas_log_level"`
 }
 
 // bench is one run: its working directory, credentials and processes.
@@ -89,7 +95,7 @@ type bench struct {
 func (b *bench) path(name string) string { return filepath.Join(b.dir, name) }
 
 var (
-	allPaths = []string{pathDirect, pathChain, pathTunnel, pathLocal, pathHop}
+	allPaths = []string{pathDirect, pathChain, pathTunnel, pathGitLab, pathLocal, pathHop}
 	allTests = []string{testSmall, testStream, testRedis, testMemory}
 )
 
@@ -99,6 +105,7 @@ const (
 	pathTunnel = "tunnel"
 	pathLocal  = "local"
 	pathHop    = "hop"
+	pathGitLab = "gitlab"
 
 	testSmall  = "small"
 	testStream = "stream"
@@ -117,7 +124,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		s           settings
 		concurrency = fs.String("concurrency", "1,16,64", "comma-separated `list` of concurrent clients for small GETs")
 		streamMiB   = fs.Int64("stream-mib", 256, "size of each streamed body in `MiB`")
-		paths       = fs.String("paths", strings.Join(allPaths, ","), "comma-separated `list` of paths to measure: direct, chain, tunnel, local, hop")
+		paths       = fs.String("paths", strings.Join(allPaths, ","), "comma-separated `list` of paths to measure: direct, chain, tunnel, gitlab, local, hop")
 		tests       = fs.String("tests", strings.Join(allTests, ","), "comma-separated `list` of measurements: small, stream, redis (commands per request on the local and hop paths), memory")
 		jsonFile    = fs.String("json", "", "also write the results as JSON to `file` (- for stdout, the table then goes to stderr)")
 		profileDir  = fs.String("profile", "", "write CPU and allocation profiles of every process to `dir` (for go tool pprof)")
@@ -126,6 +133,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	fs.DurationVar(&s.Duration, "duration", 5*time.Second, "measuring time per data point")
 	fs.IntVar(&s.IdleAgents, "agents", 1000, "idle agents connected for the memory measurement")
 	fs.StringVar(&s.LoadGen, "loadgen", "go", "load generator for small GETs: go (built in) or wrk (one thread; must be installed)")
+	fs.StringVar(&s.GitLabAgentk, "gitlab-agentk", "", "GitLab's agentk `binary` for the gitlab path (default $"+gitlabAgentkEnv+", else "+defaultGitLabAgentk+")")
 	fs.StringVar(&s.KASLogLevel, "kas-log-level", "info", "kas's observability.logging.level (info, kas's default, writes an access log line per request)")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -272,23 +280,44 @@ func runBench(ctx context.Context, s settings, profileDir string, keep bool, pro
 		}
 		targets[pathChain] = target{path: pathChain, base: "http://" + hop1.ready.Addr, procs: []*child{hop1, hop2, upstream}}
 	}
-	if slices.Contains(s.Paths, pathTunnel) {
+	// paths are the paths measured: those asked for, less those whose
+	// parts are missing (GitLab's agentk; redis-server, below).
+	paths := slices.Clone(s.Paths)
+	gitlabBin := ""
+	if slices.Contains(paths, pathGitLab) {
+		if gitlabBin, err = gitlabAgentkPath(s.GitLabAgentk); err != nil {
+			res.GitLabSkipped = err.Error()
+			step("%s", res.GitLabSkipped)
+			paths = slices.DeleteFunc(paths, func(p string) bool { return p == pathGitLab })
+		}
+	}
+	if slices.Contains(paths, pathTunnel) || slices.Contains(paths, pathGitLab) {
 		if kas, err = startChild(b, "kas", roleKAS, "-config", b.creds.kasConfig, "-log", b.path("kas.log")); err != nil {
 			return res, err
 		}
-		agentk, err := startChild(b, "agentk", roleAgents, "-kas", "ws://"+kas.ready.Addr, "-tokens", b.creds.tokensFile,
-			"-api", upstreamURL, "-log", b.path("agentk.log"))
-		if err != nil {
+		tunnels := 0
+		if slices.Contains(paths, pathTunnel) {
+			agentk, err := startChild(b, "agentk", roleAgents, "-kas", "ws://"+kas.ready.Addr, "-tokens", b.creds.tokensFile,
+				"-api", upstreamURL, "-log", b.path("agentk.log"))
+			if err != nil {
+				return res, err
+			}
+			tunnels++
+			targets[pathTunnel] = target{path: pathTunnel, base: "http://" + kas.ready.Addr + "/k8s-proxy", procs: []*child{kas, agentk, upstream}}
+		}
+		if gitlabBin != "" {
+			agentk, err := startGitLabAgentk(b, gitlabBin, kas.ready.Addr, upstreamURL)
+			if err != nil {
+				return res, err
+			}
+			tunnels++
+			targets[pathGitLab] = target{path: pathGitLab, base: "http://" + kas.ready.Addr + "/k8s-proxy", procs: []*child{kas, agentk, upstream},
+				authorization: b.creds.gitlabBearerValue}
+		}
+		if err := waitForTunnels(ctx, "http://"+kas.ready.Observability+"/metrics", tunnels); err != nil {
 			return res, err
 		}
-		if err := waitForTunnels(ctx, "http://"+kas.ready.Observability+"/metrics", 1); err != nil {
-			return res, err
-		}
-		targets[pathTunnel] = target{path: pathTunnel, base: "http://" + kas.ready.Addr + "/k8s-proxy", procs: []*child{kas, agentk, upstream}}
 	}
-	// paths are the paths measured: those asked for, less the multi-node
-	// ones when there is no redis-server to run them with.
-	paths := slices.Clone(s.Paths)
 	var nodes *multiNode
 	if slices.ContainsFunc(paths, isMultiNode) {
 		step("starting redis-server, two kas nodes (kas-a, kas-b) and agentk-a (connected to kas-a only)")
@@ -311,7 +340,9 @@ func runBench(ctx context.Context, s settings, profileDir string, keep bool, pro
 	check := newClient(1)
 	defer check.CloseIdleConnections()
 	for p, t := range targets {
-		t.authorization = b.creds.bearerValue
+		if t.authorization == "" {
+			t.authorization = b.creds.bearerValue
+		}
 		targets[p] = t
 		if err := getSmall(ctx, check, t, make([]byte, 4096)); err != nil {
 			return res, fmt.Errorf("check the %s path: %w", p, err)

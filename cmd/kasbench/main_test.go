@@ -50,12 +50,17 @@ func TestRunSmall(t *testing.T) {
 		t.Fatalf("results are not JSON: %v\n%s", err, b)
 	}
 	_, noRedis := exec.LookPath("redis-server")
-	paths, wantRatios, wantTargets := allPaths, 8, 12
+	paths, wantRatios, wantTargets := []string{pathDirect, pathChain, pathTunnel, pathLocal, pathHop}, 8, 12
 	if noRedis != nil {
 		paths, wantTargets = []string{pathDirect, pathChain, pathTunnel}, 7
 		if res.MultiNodeSkipped == "" || !strings.Contains(stdout.String(), "redis-server is not on PATH") {
 			t.Errorf("without redis-server the table and JSON must say the multi-node paths were skipped: %q\n%s", res.MultiNodeSkipped, &stdout)
 		}
+	}
+	if _, noGitLab := gitlabAgentkPath(""); noGitLab == nil {
+		paths, wantTargets = append(paths, pathGitLab), wantTargets+1 // kas's CPU through GitLab's agentk
+	} else if res.GitLabSkipped == "" || !strings.Contains(stdout.String(), "GitLab's agentk binary is missing") {
+		t.Errorf("without GitLab's agentk the table and JSON must say the gitlab path was skipped: %q\n%s", res.GitLabSkipped, &stdout)
 	}
 	for _, c := range []int{1, 4} {
 		for _, p := range paths {
@@ -201,6 +206,7 @@ func TestEvaluate(t *testing.T) {
 			{Path: pathHop, Concurrency: 64, RequestsPerS: 1200, P50Millis: 5, P99Millis: 12},
 			{Path: pathLocal, Concurrency: 1, RequestsPerS: 1000, P50Millis: 1, P99Millis: 2},
 			{Path: pathHop, Concurrency: 1, RequestsPerS: 500, P50Millis: 2, P99Millis: 4},
+			{Path: pathGitLab, Concurrency: 64, RequestsPerS: 750, P99Millis: 18, CPUByProcess: map[string]float64{"kas": 280, "gitlab-agentk": 900}},
 		},
 		Stream: []streamResult{
 			{Path: pathChain, Direction: download, MBPerS: 1000},
@@ -223,16 +229,17 @@ func TestEvaluate(t *testing.T) {
 		met[tc.Target] = tc.Met
 	}
 	want := map[string]bool{
-		"small GET @64: tunnel ≥ 1.4× chain req/s":                           true,
-		"small GET @64: tunnel p99 ≤ chain p99":                              true,
-		"download: tunnel ≥ 0.8× chain MB/s":                                 false,
-		"kas memory per idle agent < 64 KiB (heap+stacks and RSS)":           true,
-		"kas memory flat while streaming 256 MiB download (rise < 16 MiB)":   false,
-		"small GET @64: hop ≥ 0.7× local req/s":                              true,
-		"download: hop ≥ 0.8× local MB/s":                                    true,
-		"upload: hop ≥ 0.8× local MB/s":                                      false,
-		"Redis commands per proxied request in steady state (local @64) = 0": true,
-		"Redis commands per proxied request in steady state (hop @64) = 0":   true,
+		"small GET @64: tunnel ≥ 1.4× chain req/s":                            true,
+		"small GET @64: tunnel p99 ≤ chain p99":                               true,
+		"download: tunnel ≥ 0.8× chain MB/s":                                  false,
+		"kas memory per idle agent < 64 KiB (heap+stacks and RSS)":            true,
+		"kas memory flat while streaming 256 MiB download (rise < 16 MiB)":    false,
+		"small GET @64: hop ≥ 0.7× local req/s":                               true,
+		"download: hop ≥ 0.8× local MB/s":                                     true,
+		"upload: hop ≥ 0.8× local MB/s":                                       false,
+		"Redis commands per proxied request in steady state (local @64) = 0":  true,
+		"Redis commands per proxied request in steady state (hop @64) = 0":    true,
+		"small GET @64 through GitLab's agentk: kas CPU ≤ 300 µs per request": true,
 	}
 	if len(met) != len(want) {
 		t.Errorf("targets %v, want %v", met, want)
@@ -246,9 +253,9 @@ func TestEvaluate(t *testing.T) {
 		"small GET req/s @1":  {HopToLocal: 0.5},
 		"small GET p50 @1":    {HopToLocal: 2},
 		"small GET p99 @1":    {HopToLocal: 2},
-		"small GET req/s @64": {TunnelToChain: 1.5, TunnelToDirect: 0.5, HopToLocal: 0.8},
+		"small GET req/s @64": {TunnelToChain: 1.5, TunnelToDirect: 0.5, HopToLocal: 0.8, GitLabToTunnel: 0.5},
 		"small GET p50 @64":   {HopToLocal: 1.25},
-		"small GET p99 @64":   {TunnelToChain: 0.9, TunnelToDirect: 3, HopToLocal: 12.0 / 9},
+		"small GET p99 @64":   {TunnelToChain: 0.9, TunnelToDirect: 3, HopToLocal: 12.0 / 9, GitLabToTunnel: 2},
 		"download MB/s":       {TunnelToChain: 0.7, HopToLocal: 0.9},
 		"upload MB/s":         {HopToLocal: 0.7},
 	}

@@ -30,6 +30,8 @@ type results struct {
 	Idle  *idleResult   `json:"idle_agents,omitempty"`
 	// MultiNodeSkipped says why the local and hop paths were not measured.
 	MultiNodeSkipped string `json:"multi_node_skipped,omitempty"`
+	// GitLabSkipped says why the gitlab path was not measured.
+	GitLabSkipped string `json:"gitlab_skipped,omitempty"`
 
 	Ratios  []ratio       `json:"ratios,omitempty"`
 	Targets []targetCheck `json:"targets,omitempty"`
@@ -43,6 +45,7 @@ type ratio struct {
 	TunnelToChain  float64 `json:"tunnel_to_chain,omitempty"`
 	TunnelToDirect float64 `json:"tunnel_to_direct,omitempty"`
 	HopToLocal     float64 `json:"hop_to_local,omitempty"`
+	GitLabToTunnel float64 `json:"gitlab_to_tunnel,omitempty"`
 }
 
 // targetCheck is one of the issue's performance targets.
@@ -60,6 +63,9 @@ const (
 	maxStreamingGrowth = 16 << 20 // kas memory rise while streaming: a few flow-control windows, not the body
 	minHopSmallRatio   = 0.7      // hop/local small GET requests/s at the highest concurrency
 	minHopStreamRatio  = 0.8      // hop/local MB/s, each direction
+	// maxGitLabKASMicros is kas's CPU per small GET through GitLab's
+	// agentk at the highest concurrency (GitLab's own KAS spends 1.3–1.6 ms).
+	maxGitLabKASMicros = 300
 )
 
 func (r *results) small(path string, concurrency int) *smallResult {
@@ -136,6 +142,14 @@ func (r *results) evaluate() {
 					Met:      t.P99Millis <= ch.P99Millis,
 				})
 		}
+		if g := r.small(pathGitLab, c); g != nil && g.CPUByProcess != nil {
+			kas := g.CPUByProcess["kas"]
+			r.Targets = append(r.Targets, targetCheck{
+				Target:   fmt.Sprintf("small GET @%d through GitLab's agentk: kas CPU ≤ %d µs per request", c, maxGitLabKASMicros),
+				Measured: fmt.Sprintf("%.0f µs (%s)", kas, fmtByProcess(g.CPUByProcess)),
+				Met:      kas > 0 && kas <= maxGitLabKASMicros,
+			})
+		}
 		if h, l := r.small(pathHop, c), r.small(pathLocal, c); h != nil && l != nil {
 			k := div(h.RequestsPerS, l.RequestsPerS)
 			r.Targets = append(r.Targets, targetCheck{
@@ -209,8 +223,9 @@ func (r *results) addRatio(measure string, value func(path string) float64) {
 		TunnelToChain:  div(t, value(pathChain)),
 		TunnelToDirect: div(t, value(pathDirect)),
 		HopToLocal:     div(value(pathHop), value(pathLocal)),
+		GitLabToTunnel: div(value(pathGitLab), t),
 	}
-	if x.TunnelToChain != 0 || x.TunnelToDirect != 0 || x.HopToLocal != 0 {
+	if x.TunnelToChain != 0 || x.TunnelToDirect != 0 || x.HopToLocal != 0 || x.GitLabToTunnel != 0 {
 		r.Ratios = append(r.Ratios, x)
 	}
 }
@@ -225,8 +240,12 @@ func (r *results) printTable(w io.Writer) {
 	fmt.Fprintln(w, "       tunnel = client→kas→(WebSocket+HTTP/2)→agentk→upstream")
 	fmt.Fprintln(w, "       local = client→kas-a→agentk→upstream, hop = client→kas-b→(private API, gRPC)→kas-a→agentk→upstream")
 	fmt.Fprintln(w, "       (kas-a and kas-b share a redis-server; the agent is connected to kas-a only)")
+	fmt.Fprintln(w, "       gitlab = client→kas→(WebSocket ws-tunnel, gRPC reverse tunnel)→GitLab's own agentk→upstream")
 	if r.MultiNodeSkipped != "" {
 		fmt.Fprintln(w, "\n"+r.MultiNodeSkipped)
+	}
+	if r.GitLabSkipped != "" {
+		fmt.Fprintln(w, "\n"+r.GitLabSkipped)
 	}
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
 	if len(r.Small) > 0 {
@@ -249,9 +268,9 @@ func (r *results) printTable(w io.Writer) {
 	}
 	if len(r.Ratios) > 0 {
 		fmt.Fprintln(w, "\nRatios (p99: lower is better; everything else: higher is better)")
-		fmt.Fprintln(tw, "measure\ttunnel/chain\ttunnel/direct\thop/local\t")
+		fmt.Fprintln(tw, "measure\ttunnel/chain\ttunnel/direct\thop/local\tgitlab/tunnel\t")
 		for _, x := range r.Ratios {
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t\n", x.Measure, fmtRatio(x.TunnelToChain), fmtRatio(x.TunnelToDirect), fmtRatio(x.HopToLocal))
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t\n", x.Measure, fmtRatio(x.TunnelToChain), fmtRatio(x.TunnelToDirect), fmtRatio(x.HopToLocal), fmtRatio(x.GitLabToTunnel))
 		}
 		_ = tw.Flush()
 	}
@@ -289,7 +308,7 @@ func (r *results) printTable(w io.Writer) {
 // would do too, but kas, agentk, upstream reads better).
 func fmtByProcess(m map[string]float64) string {
 	var parts []string
-	for _, name := range []string{"kas", nodeB, nodeA, "agentk", agentA, "hop1", "hop2", "upstream"} {
+	for _, name := range []string{"kas", nodeB, nodeA, "agentk", "gitlab-agentk", agentA, "hop1", "hop2", "upstream"} {
 		if v, ok := m[name]; ok {
 			parts = append(parts, fmt.Sprintf("%s %.0f", name, v))
 		}

@@ -22,9 +22,19 @@ type credentials struct {
 	kasConfig   string   // kas.yaml
 	standalone  string   // the standalone file kas.yaml points at
 	bearerValue string   // the Authorization header of proxied requests
+
+	// The gitlab path's agent (id benchGitLabAgentID), served by GitLab's
+	// own agentk, and the Authorization header of requests to it.
+	gitlabToken       string
+	gitlabTokenFile   string
+	gitlabBearerValue string
 }
 
-const benchAgentID = 1
+const (
+	benchAgentID = 1
+	// benchGitLabAgentID is clear of the idle agents' IDs.
+	benchGitLabAgentID = 1 << 40
+)
 
 // writeSetup writes kas's configuration and a standalone file for it: one
 // group and project, the benchmark agent whose user_access lets the user in
@@ -39,8 +49,12 @@ func writeSetup(dir string, idleAgents int, kasLogLevel string) (*credentials, e
 		idleFile:   filepath.Join(dir, "idle-agent-tokens"),
 		kasConfig:  filepath.Join(dir, "kas.yaml"),
 		standalone: filepath.Join(dir, "standalone.yaml"),
+
+		gitlabToken:     "glagent-kasbench-gitlab-" + rand.Text(),
+		gitlabTokenFile: filepath.Join(dir, "gitlab-agent-token"),
 	}
 	c.bearerValue = fmt.Sprintf("Bearer pat:%d:%s", benchAgentID, c.userPAT)
+	c.gitlabBearerValue = fmt.Sprintf("Bearer pat:%d:%s", benchGitLabAgentID, c.userPAT)
 	for range idleAgents {
 		c.idleTokens = append(c.idleTokens, "glagent-kasbench-"+rand.Text())
 	}
@@ -59,7 +73,11 @@ agents:
     name: bench
     project: kasbench/cluster
     token_sha256: %s
-`, benchAgentID, standalone.HashToken(c.agentToken))
+  - id: %d
+    name: gitlab-bench
+    project: kasbench/cluster
+    token_sha256: %s
+`, benchAgentID, standalone.HashToken(c.agentToken), benchGitLabAgentID, standalone.HashToken(c.gitlabToken))
 	for i, t := range c.idleTokens {
 		fmt.Fprintf(&sa, "  - id: %d\n    name: idle-%d\n    project: kasbench/cluster\n    token_sha256: %s\n",
 			benchAgentID+1+i, i+1, standalone.HashToken(t))
@@ -86,6 +104,8 @@ agents:
 	}{
 		{c.standalone, sa.String()},
 		{filepath.Join(dir, "repo", ".gitlab", "agents", "bench", "config.yaml"), agentConfig},
+		{filepath.Join(dir, "repo", ".gitlab", "agents", "gitlab-bench", "config.yaml"), agentConfig},
+		{c.gitlabTokenFile, c.gitlabToken + "\n"},
 		{c.kasConfig, kasConfig(kasLogLevel, "", "")},
 		{c.tokensFile, c.agentToken + "\n"},
 		{c.idleFile, strings.Join(c.idleTokens, "\n") + "\n"},

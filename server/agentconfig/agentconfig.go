@@ -508,10 +508,24 @@ func (m *Manager) sync(c *connState) bool {
 	return true
 }
 
-// push POSTs cfg to agentk's configuration endpoint over t.
+// Receiver is a tunnel that takes its agent's configuration itself
+// instead of as a request through the tunnel: GitLab's agentk, which
+// streams it from kas with a gRPC call.
+type Receiver interface {
+	// ReceiveConfiguration hands over a new configuration: the file as
+	// written, and the same document as JSON. It returns once the tunnel
+	// has it, not when the agent has applied it.
+	ReceiveConfiguration(ctx context.Context, yaml []byte, json json.RawMessage) error
+}
+
+// push sends cfg to the agent over t: POSTed to agentk's configuration
+// endpoint, or handed to a Receiver.
 func (m *Manager) push(t registry.Tunnel, cfg *config) error {
 	ctx, cancel := context.WithTimeout(m.ctx, m.timeout)
 	defer cancel()
+	if r, ok := t.(Receiver); ok {
+		return r.ReceiveConfiguration(ctx, cfg.yaml, cfg.json)
+	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://agent"+protocol.ConfigurationPath, bytes.NewReader(cfg.yaml))
 	if err != nil {
 		return fmt.Errorf("build configuration request: %w", err)

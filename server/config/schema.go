@@ -75,8 +75,9 @@ type Listen struct {
 // AgentListen is the public listener agents connect to (gitlab_kas['listen_address']).
 type AgentListen struct {
 	Listen `yaml:",inline"`
-	// Websocket is accepted for compatibility with GitLab KAS configs; kas always
-	// speaks WebSocket to agents, so validation allows only true.
+	// Websocket is accepted for compatibility with GitLab KAS configs. kas
+	// serves agents over WebSocket and, for GitLab's agentk, over gRPC
+	// (grpc://) on the same listener either way, so it changes nothing.
 	Websocket *bool `yaml:"websocket,omitempty"`
 	// ConnectionsPerTokenPerMinute limits how often one agent token may connect.
 	ConnectionsPerTokenPerMinute int `yaml:"connections_per_token_per_minute,omitempty"`

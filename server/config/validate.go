@@ -70,9 +70,6 @@ func (v validator) agent(cfg *Config) {
 	a := cfg.Agent
 	l := a.Listen
 	v.listen("agent.listen", l.Listen, true)
-	if l.Websocket != nil && !*l.Websocket {
-		v.add("agent.listen.websocket", "kas accepts agents over WebSocket only (GitLab's listen_websocket = true, its default); set it to true or remove it, and give agents a ws:// or wss:// address")
-	}
 	if l.ConnectionsPerTokenPerMinute < 1 {
 		v.add("agent.listen.connections_per_token_per_minute", "must be at least 1, got %d", l.ConnectionsPerTokenPerMinute)
 	}

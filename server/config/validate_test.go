@@ -92,8 +92,6 @@ func TestValidationProblems(t *testing.T) {
 			"gitlab.repository_token_file", "no such file or directory"},
 
 		// Agent.
-		{"websocket off", "agent:\n  listen:\n    websocket: false\n", nil,
-			"agent.listen.websocket", "WebSocket only"},
 		{"no connections allowed", "agent:\n  listen:\n    connections_per_token_per_minute: 0\n", nil,
 			"agent.listen.connections_per_token_per_minute", "must be at least 1, got 0"},
 		{"max connection age zero", "agent:\n  listen:\n    max_connection_age: 0s\n", nil,

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"net"
 	"net/http"
 	"strings"
 	"sync"
@@ -56,6 +57,21 @@ type Options struct {
 	// return quickly.
 	OnConnect    func(agent gitlab.AgentInfo, t registry.Tunnel)
 	OnDisconnect func(t registry.Tunnel)
+	// GitLabAgentk, if set, serves GitLab's own agentk: a WebSocket
+	// offering subprotocol GitLabSubprotocol is upgraded without a token
+	// (GitLab's agentk sends it with each gRPC call inside) and handed to
+	// it as a byte stream.
+	GitLabAgentk ConnServer
+}
+
+// GitLabSubprotocol is the WebSocket subprotocol GitLab's agentk offers:
+// gRPC (HTTP/2) runs inside the WebSocket's binary messages.
+const GitLabSubprotocol = "ws-tunnel"
+
+// ConnServer serves a connection that carries another protocol.
+type ConnServer interface {
+	// ServeConn serves c until it closes; it owns c.
+	ServeConn(c net.Conn)
 }
 
 // Endpoint serves agents' WebSocket connections on /-/kubernetes-agent/.
@@ -66,10 +82,12 @@ type Endpoint struct {
 	bodies    protocol.BulkBodies
 	limiter   *tokenLimiter
 	refusals  *refusalLimiter
+	// gitlabUpgrader upgrades GitLab agentk's WebSockets.
+	gitlabUpgrader websocket.Upgrader
 
 	mu       sync.Mutex
 	closing  bool
-	tunnels  map[*Tunnel]struct{}
+	tunnels  map[Managed]struct{}
 	handlers sync.WaitGroup
 
 	connected prometheus.Gauge
@@ -104,9 +122,15 @@ func NewEndpoint(opts Options) (*Endpoint, error) {
 			// A stalled agent must not block writers forever.
 			WriteByteTimeout: opts.PingInterval + opts.PingTimeout,
 		},
+		gitlabUpgrader: websocket.Upgrader{
+			Subprotocols:    []string{GitLabSubprotocol},
+			WriteBufferPool: &sync.Pool{},
+			WriteBufferSize: 64 << 10,
+			CheckOrigin:     func(*http.Request) bool { return true },
+		},
 		limiter:  newTokenLimiter(opts.ConnectionsPerTokenPerMinute),
 		refusals: newRefusalLimiter(refusedPerAddressPerMinute, maxLimitedAddresses),
-		tunnels:  map[*Tunnel]struct{}{},
+		tunnels:  map[Managed]struct{}{},
 		connected: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "kas_tunnels_connected",
 			Help: "Agent tunnels connected to this node.",
@@ -129,6 +153,9 @@ func NewEndpoint(opts Options) (*Endpoint, error) {
 // ServeHTTP authenticates an agent and, if it may connect, upgrades to a
 // WebSocket and serves the tunnel until it closes. The token is checked
 // before the upgrade so a refused agent gets a plain HTTP status and reason.
+// GitLab's agentk (subprotocol GitLabSubprotocol) sends its token only
+// inside the tunnel, with every gRPC call; Options.GitLabAgentk checks it
+// there, before that connection becomes a tunnel.
 func (e *Endpoint) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	log := e.opts.Logger.With("correlation_id", correlation.FromContext(r.Context()))
 	if !websocket.IsWebSocketUpgrade(r) {
@@ -136,7 +163,11 @@ func (e *Endpoint) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			"this is the agent endpoint: agentk connects here with a WebSocket upgrade")
 		return
 	}
-	token, ok := bearerToken(r.Header.Get("Authorization"))
+	if e.opts.GitLabAgentk != nil && !subprotocolOffered(r, protocol.Subprotocol) && subprotocolOffered(r, GitLabSubprotocol) {
+		e.serveGitLabAgentk(w, r, log)
+		return
+	}
+	token, ok := BearerToken(r.Header.Get("Authorization"))
 	if !ok {
 		e.refuse(w, log, http.StatusUnauthorized, "unauthenticated",
 			"missing agent token: send Authorization: Bearer <agent token>")
@@ -144,21 +175,73 @@ func (e *Endpoint) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	if !subprotocolOffered(r, protocol.Subprotocol) {
 		e.refuse(w, log, http.StatusBadRequest, "bad_protocol",
-			fmt.Sprintf("unsupported tunnel protocol %q: this kas speaks %s; upgrade agentk",
-				r.Header.Get("Sec-WebSocket-Protocol"), protocol.Subprotocol))
+			fmt.Sprintf("unsupported tunnel protocol %q: this kas speaks %s (kas's agentk) and %s (GitLab's agentk); upgrade agentk",
+				r.Header.Get("Sec-WebSocket-Protocol"), protocol.Subprotocol, GitLabSubprotocol))
 		return
 	}
-	// Made-up tokens are limited per client address before GitLab is
-	// asked; real ones per token once GitLab has accepted them, so nothing
-	// a caller makes up gets a limiter entry of its own.
-	addr := middleware.ClientAddressOf(r)
-	if e.refusals.blocked(addr, time.Now()) {
-		w.Header().Set("Retry-After", "60")
-		e.refuse(w, log, http.StatusTooManyRequests, "rate_limited",
-			fmt.Sprintf("too many connection attempts with agent tokens kas does not accept from this address (%s); wait a minute, and check the agent's token", addr))
+	info, refusal := e.Authenticate(r.Context(), middleware.ClientAddressOf(r), token)
+	if refusal != nil {
+		if refusal.RetryAfter != "" {
+			w.Header().Set("Retry-After", refusal.RetryAfter)
+		}
+		e.writeRefusal(w, refusal)
 		return
 	}
-	info, err := e.opts.API.GetAgentInfo(r.Context(), token)
+	if !e.begin() {
+		e.refuse(w, log, http.StatusServiceUnavailable, "shutting_down", "kas is shutting down; reconnect to another node")
+		return
+	}
+	defer e.handlers.Done()
+	ws, err := e.upgrader.Upgrade(w, r, nil)
+	if err != nil {
+		e.attempts.WithLabelValues("upgrade_failed").Inc()
+		log.Info("Agent WebSocket upgrade failed", "agent_id", info.AgentID, "error", err.Error())
+		return // the upgrader has answered the agent
+	}
+	e.serveTunnel(log, ws, token, info, r.Header)
+}
+
+// serveGitLabAgentk upgrades GitLab agentk's WebSocket and hands the byte
+// stream to Options.GitLabAgentk.
+func (e *Endpoint) serveGitLabAgentk(w http.ResponseWriter, r *http.Request, log *slog.Logger) {
+	if !e.begin() {
+		e.refuse(w, log, http.StatusServiceUnavailable, "shutting_down", "kas is shutting down; reconnect to another node")
+		return
+	}
+	defer e.handlers.Done()
+	ws, err := e.gitlabUpgrader.Upgrade(w, r, nil)
+	if err != nil {
+		e.attempts.WithLabelValues("upgrade_failed").Inc()
+		log.Info("GitLab agentk WebSocket upgrade failed", "error", err.Error())
+		return
+	}
+	e.opts.GitLabAgentk.ServeConn(protocol.NewConn(ws))
+}
+
+// Refusal is why an agent may not connect: its HTTP status, the reason to
+// tell it, and the result label of kas_agent_connection_attempts_total.
+type Refusal struct {
+	Code   int
+	Result string
+	Reason string
+	// RetryAfter, if set, is the Retry-After value (seconds) to send.
+	RetryAfter string
+}
+
+func (r *Refusal) Error() string { return r.Reason }
+
+// Authenticate identifies the agent owning token, the same way for every
+// kind of agentk. Made-up tokens are limited per client address (clientAddr)
+// before GitLab is asked; real ones per token once GitLab has accepted them,
+// so nothing a caller makes up gets a limiter entry of its own. A refusal is
+// counted and logged here; the caller only reports it.
+func (e *Endpoint) Authenticate(ctx context.Context, clientAddr, token string) (*gitlab.AgentInfo, *Refusal) {
+	log := e.opts.Logger.With("correlation_id", correlation.FromContext(ctx))
+	if e.refusals.blocked(clientAddr, time.Now()) {
+		return nil, e.refusal(log, &Refusal{Code: http.StatusTooManyRequests, Result: "rate_limited", RetryAfter: "60",
+			Reason: fmt.Sprintf("too many connection attempts with agent tokens kas does not accept from this address (%s); wait a minute, and check the agent's token", clientAddr)})
+	}
+	info, err := e.opts.API.GetAgentInfo(ctx, token)
 	if err == nil && info.AgentID <= 0 {
 		// The GitLab client refuses such an answer itself; any other
 		// backend gets the same check, so no agent runs as agent 0.
@@ -168,48 +251,46 @@ func (e *Endpoint) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if err != nil {
 		switch {
 		case gitlab.Cacheable(err):
-			e.refusals.refused(addr, time.Now())
-			e.refuse(w, log, http.StatusUnauthorized, "unauthenticated", "agent token is not valid")
-			log.Info("Agent refused", "client_address", addr, "error", err.Error())
+			e.refusals.refused(clientAddr, time.Now())
+			log.Info("Agent refused", "client_address", clientAddr, "error", err.Error())
+			return nil, e.refusal(log, &Refusal{Code: http.StatusUnauthorized, Result: "unauthenticated", Reason: "agent token is not valid"})
 		case errors.Is(err, gitlab.ErrContract):
-			e.refuse(w, log, http.StatusBadGateway, "gitlab_error",
-				"GitLab's answer about this agent token cannot be used (a GitLab contract error); the kas log has the details")
 			log.Error("Authenticate agent: GitLab contract error", "error", err.Error())
+			return nil, e.refusal(log, &Refusal{Code: http.StatusBadGateway, Result: "gitlab_error",
+				Reason: "GitLab's answer about this agent token cannot be used (a GitLab contract error); the kas log has the details"})
 		case errors.Is(err, gitlab.ErrRedirect):
-			e.refuse(w, log, http.StatusBadGateway, "gitlab_error",
-				"GitLab redirected kas's call to authenticate the agent, and kas does not follow GitLab's redirects; the kas log says where to")
 			log.Error("Authenticate agent", "error", err.Error())
+			return nil, e.refusal(log, &Refusal{Code: http.StatusBadGateway, Result: "gitlab_error",
+				Reason: "GitLab redirected kas's call to authenticate the agent, and kas does not follow GitLab's redirects; the kas log says where to"})
 		default:
-			e.refuse(w, log, http.StatusBadGateway, "gitlab_error", "kas cannot reach GitLab to authenticate the agent; try again later")
 			log.Error("Authenticate agent", "error", err.Error())
+			return nil, e.refusal(log, &Refusal{Code: http.StatusBadGateway, Result: "gitlab_error",
+				Reason: "kas cannot reach GitLab to authenticate the agent; try again later"})
 		}
-		return
 	}
 	if !e.limiter.allow(token, time.Now()) {
-		w.Header().Set("Retry-After", "60")
-		e.refuse(w, log, http.StatusTooManyRequests, "rate_limited",
-			"too many connections for this agent token; agent.listen.connections_per_token_per_minute limits them")
-		return
+		return nil, e.refusal(log, &Refusal{Code: http.StatusTooManyRequests, Result: "rate_limited", RetryAfter: "60",
+			Reason: "too many connections for this agent token; agent.listen.connections_per_token_per_minute limits them"})
 	}
-	e.mu.Lock()
-	closing := e.closing
-	if !closing {
-		e.handlers.Add(1)
-	}
-	e.mu.Unlock()
-	if closing {
-		e.refuse(w, log, http.StatusServiceUnavailable, "shutting_down", "kas is shutting down; reconnect to another node")
-		return
-	}
-	defer e.handlers.Done()
+	return info, nil
+}
 
-	ws, err := e.upgrader.Upgrade(w, r, nil)
-	if err != nil {
-		e.attempts.WithLabelValues("upgrade_failed").Inc()
-		log.Info("Agent WebSocket upgrade failed", "agent_id", info.AgentID, "error", err.Error())
-		return // the upgrader has answered the agent
+func (e *Endpoint) refusal(log *slog.Logger, r *Refusal) *Refusal {
+	e.attempts.WithLabelValues(r.Result).Inc()
+	log.Debug("Agent connection refused", "status", r.Code, "reason", r.Reason)
+	return r
+}
+
+// begin accounts for one more connection handler unless the endpoint is
+// shutting down; the caller calls e.handlers.Done when it returns.
+func (e *Endpoint) begin() bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.closing {
+		return false
 	}
-	e.serveTunnel(log, ws, token, info, r.Header)
+	e.handlers.Add(1)
+	return true
 }
 
 func (e *Endpoint) serveTunnel(log *slog.Logger, ws *websocket.Conn, token string, info *gitlab.AgentInfo, h http.Header) {
@@ -238,63 +319,17 @@ func (e *Endpoint) serveTunnel(log *slog.Logger, ws *websocket.Conn, token strin
 			NodeURLs:          e.opts.NodeURLs,
 		},
 	}
-	log = log.With("agent_id", info.AgentID, "connection_id", t.info.ConnectionID)
-
-	if !e.track(t) {
-		_ = t.Close()
-		return
-	}
-	defer e.untrack(t)
-	ctx := context.Background()
-	if err := e.opts.Registry.Register(ctx, t); err != nil {
-		log.Error("Register agent tunnel", "error", err.Error())
-		_ = t.Close()
-		return
-	}
-	e.attempts.WithLabelValues("connected").Inc()
-	e.connected.Inc()
-	log.Info("Agent connected", "agent_version", t.info.AgentVersion, "pod", t.info.PodNamespace+"/"+t.info.PodName)
-	if e.opts.OnConnect != nil {
-		e.opts.OnConnect(*info, t)
-	}
-
-	var revoked <-chan struct{} // nil without a token checker: never ready
-	var watch *tokencheck.Watch
-	if e.opts.Tokens != nil {
-		watch = e.opts.Tokens.Watch(token, *info)
-		defer watch.Stop()
-		revoked = watch.Revoked()
-	}
-	maxAge := time.NewTimer(jitter(e.opts.MaxConnectionAge))
-	defer maxAge.Stop()
-	select {
-	case <-t.Done():
-		log.Info("Agent disconnected")
-	case <-maxAge.C:
-		log.Info("Agent connection reached agent.listen.max_connection_age; closing it gracefully so the agent reconnects")
-	case <-revoked:
-		log.Warn("Closing the agent's tunnel: its token is no longer accepted; register the agent again and give agentk the new token",
-			"error", watch.Err().Error())
-	}
-	// Unregister first so no new request picks this tunnel while it drains.
-	if err := e.opts.Registry.Unregister(ctx, t); err != nil {
-		log.Error("Unregister agent tunnel", "error", err.Error())
-	}
-	if e.opts.OnDisconnect != nil {
-		e.opts.OnDisconnect(t)
-	}
-	e.connected.Dec()
-	e.drain(t)
+	e.serve(log, t, token, *info)
 }
 
 // drain closes t gracefully within the grace period.
-func (e *Endpoint) drain(t *Tunnel) {
+func (e *Endpoint) drain(t Managed) {
 	ctx, cancel := context.WithTimeout(context.Background(), e.opts.GracePeriod)
 	defer cancel()
 	_ = t.Shutdown(ctx)
 }
 
-func (e *Endpoint) track(t *Tunnel) bool {
+func (e *Endpoint) track(t Managed) bool {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if e.closing {
@@ -304,7 +339,7 @@ func (e *Endpoint) track(t *Tunnel) bool {
 	return true
 }
 
-func (e *Endpoint) untrack(t *Tunnel) {
+func (e *Endpoint) untrack(t Managed) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	delete(e.tunnels, t)
@@ -316,7 +351,7 @@ func (e *Endpoint) untrack(t *Tunnel) {
 func (e *Endpoint) Shutdown(ctx context.Context) error {
 	e.mu.Lock()
 	e.closing = true
-	tunnels := make([]*Tunnel, 0, len(e.tunnels))
+	tunnels := make([]Managed, 0, len(e.tunnels))
 	for t := range e.tunnels {
 		tunnels = append(tunnels, t)
 	}
@@ -341,15 +376,17 @@ func (e *Endpoint) Shutdown(ctx context.Context) error {
 }
 
 func (e *Endpoint) refuse(w http.ResponseWriter, log *slog.Logger, code int, result, reason string) {
-	e.attempts.WithLabelValues(result).Inc()
-	log.Debug("Agent connection refused", "status", code, "reason", reason)
-	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-	w.WriteHeader(code)
-	_, _ = fmt.Fprintln(w, reason)
+	e.writeRefusal(w, e.refusal(log, &Refusal{Code: code, Result: result, Reason: reason}))
 }
 
-// bearerToken extracts the token of an "Authorization: Bearer <token>" header.
-func bearerToken(v string) (string, bool) {
+func (e *Endpoint) writeRefusal(w http.ResponseWriter, r *Refusal) {
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	w.WriteHeader(r.Code)
+	_, _ = fmt.Fprintln(w, r.Reason)
+}
+
+// BearerToken extracts the token of an "Authorization: Bearer <token>" header.
+func BearerToken(v string) (string, bool) {
 	scheme, token, ok := strings.Cut(v, " ")
 	if !ok || !strings.EqualFold(scheme, "Bearer") {
 		return "", false

@@ -5,6 +5,7 @@ import (
 	"context"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -145,7 +146,7 @@ func TestEndpointRefusesBeforeUpgrade(t *testing.T) {
 	}{
 		{"no token", "", protocol.Subprotocol, 401, "missing agent token"},
 		{"bad token", "wrong", protocol.Subprotocol, 401, "agent token is not valid"},
-		{"old protocol", "good-token", "kas-tunnel.v0", 400, "unsupported tunnel protocol"},
+		{"old protocol", "good-token", "kas-tunnel.v0", 400, "unsupported tunnel protocol \"kas-tunnel.v0\": this kas speaks kas-tunnel.v1 (kas's agentk) and ws-tunnel (GitLab's agentk)"},
 		{"answer without an agent ID", "agent-zero-token", protocol.Subprotocol, 502, "GitLab contract error"},
 	}
 	for _, tc := range tests {
@@ -370,5 +371,47 @@ func TestEndpointConnectionIDsAreRandom(t *testing.T) {
 			t.Fatalf("connection ID %d (earlier %v): want a fresh random positive int63", id, ids)
 		}
 		ids[id] = true
+	}
+}
+
+// connServerFunc adapts a function to ConnServer.
+type connServerFunc func(net.Conn)
+
+func (f connServerFunc) ServeConn(c net.Conn) { f(c) }
+
+func TestEndpointHandsGitLabAgentkOver(t *testing.T) {
+	got := make(chan string, 1)
+	f := newFixture(t, func(o *Options) {
+		o.GitLabAgentk = connServerFunc(func(c net.Conn) {
+			defer c.Close()
+			buf := make([]byte, 5)
+			_, _ = io.ReadFull(c, buf)
+			got <- string(buf)
+		})
+	})
+	// GitLab's agentk sends no token on the upgrade: it sends it with
+	// every gRPC call inside, where the GitLab agentk server checks it.
+	d := websocket.Dialer{Subprotocols: []string{GitLabSubprotocol}}
+	ws, resp, err := d.Dial(f.wsURL, nil)
+	if err != nil {
+		t.Fatalf("upgrade: %v (%v)", err, resp)
+	}
+	defer ws.Close()
+	if ws.Subprotocol() != GitLabSubprotocol {
+		t.Fatalf("subprotocol %q, want %s", ws.Subprotocol(), GitLabSubprotocol)
+	}
+	if err := ws.WriteMessage(websocket.BinaryMessage, []byte("hello")); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case s := <-got:
+		if s != "hello" {
+			t.Fatalf("the GitLab agentk server read %q", s)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the connection never reached the GitLab agentk server")
+	}
+	if _, ok := f.registry.FindLocal(1); ok {
+		t.Fatal("a tunnel was registered before any token was checked")
 	}
 }

@@ -18,8 +18,8 @@ func FuzzAgentHandshake(f *testing.F) {
 		f.Add(s, s)
 	}
 	f.Fuzz(func(t *testing.T, authorization, description string) {
-		if token, ok := bearerToken(authorization); ok && (token == "" || strings.TrimSpace(token) != token) {
-			t.Fatalf("bearerToken(%q) accepted %q", authorization, token)
+		if token, ok := BearerToken(authorization); ok && (token == "" || strings.TrimSpace(token) != token) {
+			t.Fatalf("BearerToken(%q) accepted %q", authorization, token)
 		}
 		h := http.Header{protocol.HeaderAgentVersion: {description}}
 		v := headerValue(h, protocol.HeaderAgentVersion)

@@ -1,6 +1,10 @@
 // Package tunnel is kas's side of the agent tunnel: the /-/kubernetes-agent/
-// WebSocket endpoint, and the HTTP/2 client connection kas runs over each
-// agent's WebSocket to send it requests.
+// WebSocket endpoint, the HTTP/2 client connection kas runs over each
+// agent's WebSocket to send it requests, and the life every tunnel shares
+// whatever agentk is at the other end (Endpoint.Authenticate and
+// Endpoint.Serve: token check and rate limit, registration, configuration
+// hooks, max connection age, draining). GitLab's own agentk, which offers
+// the WebSocket subprotocol ws-tunnel, is handed to server/gitlabagent.
 package tunnel
 
 import (
