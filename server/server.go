@@ -61,6 +61,7 @@ type Server struct {
 	usage          *usage.Tracker
 	registry       registry.Registry
 	endpoint       *tunnel.Endpoint
+	receptive      *receptiveAgents // nil unless agent.receptive.enabled
 	internal       *internalapi.Handler
 	// acme gets agent.listen's certificates when tls.acme is set.
 	acme *tlsutil.ACME
@@ -152,6 +153,9 @@ func New(cfg *config.Config, opts Options) (_ *Server, err error) {
 		OnDisconnect:                 onDisconnect,
 	})
 	if err != nil {
+		return nil, err
+	}
+	if err := s.buildReceptive(); err != nil {
 		return nil, err
 	}
 	proxy := k8sproxy.NewHandler(k8sproxy.Options{
@@ -435,6 +439,7 @@ func (s *Server) Run(ctx context.Context) error {
 			mode = "gitlab " + s.cfg.GitLab.Address
 		}
 		s.log.Info("kas is ready", "version", s.opts.Version, "mode", mode)
+		s.startReceptive()
 	}
 
 	var runErr error
@@ -458,6 +463,7 @@ func (s *Server) shutdown() {
 	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.Agent.Listen.ListenGracePeriod.D())
 	defer cancel()
 	var wg sync.WaitGroup
+	wg.Go(s.stopReceptive) // first, so kas dials no receptive agent while the tunnels close
 	for _, l := range s.listeners {
 		wg.Go(func() {
 			if err := l.shutdown(ctx); err != nil {
@@ -484,6 +490,7 @@ func (s *Server) shutdown() {
 // closeBuilt stops what New started when New fails half-way.
 func (s *Server) closeBuilt() {
 	s.closeListeners()
+	s.stopReceptive()
 	if s.configs != nil {
 		s.configs.Close()
 	}

@@ -21,7 +21,8 @@ func TestHandlers(t *testing.T) {
 		NodeURLs:  []string{"grpc://10.0.0.1:8155"},
 		Peers:     []registry.Node{{ID: "node-b", URLs: []string{"grpc://10.0.0.2:8155"}}},
 		Agents: []registry.TunnelInfo{{AgentID: 1, ProjectID: 100, ConnectionID: 7, AgentVersion: "v17.0.0",
-			PodName: "agentk-0", PodNamespace: "gitlab-agent", ConnectedAt: time.Now()}},
+			PodName: "agentk-0", PodNamespace: "gitlab-agent", ConnectedAt: time.Now()},
+			{AgentID: 2, ProjectID: 100, ConnectionID: 8, Receptive: true, ConnectedAt: time.Now()}},
 		RecentErrors: []logging.Entry{{Time: time.Now(), Level: "ERROR", Message: "<script>alert(1)</script>"}},
 	}
 	page, jsonView := Handlers(func(context.Context) Status { return status })
@@ -29,7 +30,7 @@ func TestHandlers(t *testing.T) {
 	w := httptest.NewRecorder()
 	page.ServeHTTP(w, httptest.NewRequest(http.MethodGet, "/", nil))
 	body := w.Body.String()
-	for _, want := range []string{"kas v1.2.3", "node-b", "grpc://10.0.0.2:8155", "agentk-0", "gitlab-agent/agentk-0", "&lt;script&gt;"} {
+	for _, want := range []string{"kas v1.2.3", "node-b", "grpc://10.0.0.2:8155", "agentk-0", "gitlab-agent/agentk-0", "&lt;script&gt;", "2 (receptive: kas dialled it)"} {
 		if !strings.Contains(body, want) {
 			t.Errorf("status page lacks %q", want)
 		}
@@ -44,7 +45,7 @@ func TestHandlers(t *testing.T) {
 	if err := json.Unmarshal(w.Body.Bytes(), &got); err != nil {
 		t.Fatalf("JSON view: %v", err)
 	}
-	if got.Version != "v1.2.3" || len(got.Agents) != 1 || got.Agents[0].ConnectionID != 7 || len(got.Peers) != 1 {
+	if got.Version != "v1.2.3" || len(got.Agents) != 2 || got.Agents[0].ConnectionID != 7 || !got.Agents[1].Receptive || len(got.Peers) != 1 {
 		t.Fatalf("JSON view lost data: %+v", got)
 	}
 }

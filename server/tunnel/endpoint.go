@@ -180,17 +180,55 @@ func (e *Endpoint) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		log.Info("Agent WebSocket upgrade failed", "agent_id", info.AgentID, "error", err.Error())
 		return // the upgrader has answered the agent
 	}
-	e.serveTunnel(log, ws, info, r.Header)
+	_ = e.serveTunnel(context.Background(), log, ws, info, r.Header, false)
 }
 
-func (e *Endpoint) serveTunnel(log *slog.Logger, ws *websocket.Conn, info *gitlab.AgentInfo, h http.Header) {
+// Conn is an agent connection kas opened itself (a receptive agent): the
+// WebSocket after the handshake, and what kas knows about the agent.
+type Conn struct {
+	WS *websocket.Conn
+	// Agent identifies the agent: from its list of receptive agents and
+	// GitLab (or the standalone file).
+	Agent gitlab.AgentInfo
+	// Description holds the description headers agentk answered the
+	// handshake with (protocol.HeaderAgentVersion, …).
+	Description http.Header
+}
+
+// ErrClosing is returned by Serve once the endpoint is shutting down.
+var ErrClosing = errors.New("kas is shutting down")
+
+// Serve runs a connection kas made to a receptive agent as a tunnel, exactly
+// like one an agent made: registered, configured (OnConnect), pinged, closed
+// at max_connection_age and drained on shutdown. It returns when the tunnel
+// has closed: because the agent went away (an error), because ctx was
+// cancelled or the tunnel reached its maximum age (closed gracefully, nil),
+// or because the endpoint is shutting down (ErrClosing, before serving).
+func (e *Endpoint) Serve(ctx context.Context, log *slog.Logger, c Conn) error {
+	e.mu.Lock()
+	closing := e.closing
+	if !closing {
+		e.handlers.Add(1)
+	}
+	e.mu.Unlock()
+	if closing {
+		_ = c.WS.Close()
+		return ErrClosing
+	}
+	defer e.handlers.Done()
+	return e.serveTunnel(ctx, log, c.WS, &c.Agent, c.Description, true)
+}
+
+// serveTunnel serves ws as a tunnel until it closes, reaches its maximum
+// age or ctx is cancelled; receptive says kas dialled the agent.
+func (e *Endpoint) serveTunnel(ctx context.Context, log *slog.Logger, ws *websocket.Conn, info *gitlab.AgentInfo, h http.Header, receptive bool) error {
 	conn := newNotifyConn(protocol.NewConn(ws))
 	cc, err := e.transport.NewClientConn(conn)
 	if err != nil {
 		_ = conn.Close()
 		e.attempts.WithLabelValues("http2_failed").Inc()
 		log.Error("Start HTTP/2 over agent tunnel", "agent_id", info.AgentID, "error", err.Error())
-		return
+		return fmt.Errorf("start HTTP/2 over the tunnel: %w", err)
 	}
 	t := &Tunnel{
 		cc:     cc,
@@ -207,38 +245,42 @@ func (e *Endpoint) serveTunnel(log *slog.Logger, ws *websocket.Conn, info *gitla
 			KubernetesVersion: headerValue(h, protocol.HeaderKubernetesVersion),
 			ConnectedAt:       time.Now().UTC(),
 			NodeURLs:          e.opts.NodeURLs,
+			Receptive:         receptive,
 		},
 	}
 	log = log.With("agent_id", info.AgentID, "connection_id", t.info.ConnectionID)
 
 	if !e.track(t) {
 		_ = t.Close()
-		return
+		return ErrClosing
 	}
 	defer e.untrack(t)
-	ctx := context.Background()
-	if err := e.opts.Registry.Register(ctx, t); err != nil {
+	if err := e.opts.Registry.Register(context.Background(), t); err != nil {
 		log.Error("Register agent tunnel", "error", err.Error())
 		_ = t.Close()
-		return
+		return fmt.Errorf("register the tunnel: %w", err)
 	}
 	e.attempts.WithLabelValues("connected").Inc()
 	e.connected.Inc()
-	log.Info("Agent connected", "agent_version", t.info.AgentVersion, "pod", t.info.PodNamespace+"/"+t.info.PodName)
+	log.Info("Agent connected", "agent_version", t.info.AgentVersion, "pod", t.info.PodNamespace+"/"+t.info.PodName, "receptive", receptive)
 	if e.opts.OnConnect != nil {
 		e.opts.OnConnect(*info, t)
 	}
 
 	maxAge := time.NewTimer(jitter(e.opts.MaxConnectionAge))
 	defer maxAge.Stop()
+	var ended error
 	select {
 	case <-t.Done():
 		log.Info("Agent disconnected")
+		ended = errors.New("the tunnel closed: the agent went away or stopped answering pings")
 	case <-maxAge.C:
 		log.Info("Agent connection reached agent.listen.max_connection_age; closing it gracefully so the agent reconnects")
+	case <-ctx.Done():
+		log.Info("Closing the agent's connection gracefully", "reason", context.Cause(ctx).Error())
 	}
 	// Unregister first so no new request picks this tunnel while it drains.
-	if err := e.opts.Registry.Unregister(ctx, t); err != nil {
+	if err := e.opts.Registry.Unregister(context.Background(), t); err != nil {
 		log.Error("Unregister agent tunnel", "error", err.Error())
 	}
 	if e.opts.OnDisconnect != nil {
@@ -246,6 +288,7 @@ func (e *Endpoint) serveTunnel(log *slog.Logger, ws *websocket.Conn, info *gitla
 	}
 	e.connected.Dec()
 	e.drain(t)
+	return ended
 }
 
 // drain closes t gracefully within the grace period.
