@@ -76,6 +76,8 @@ type clusterOptions struct {
 	// agentWaitTimeout is agent.kubernetes_api.agent_wait_timeout; zero
 	// keeps the default.
 	agentWaitTimeout time.Duration
+	// receptive, if set, is the agent.receptive section.
+	receptive map[string]any
 }
 
 // newCluster starts a redis-server for nodes built from bin with opts; the
@@ -127,6 +129,9 @@ func (c *cluster) startNode(t *testing.T, name string, o nodeOptions) *node {
 	}
 	if c.opts.agentWaitTimeout != 0 {
 		agentSection["kubernetes_api"] = map[string]any{"agent_wait_timeout": c.opts.agentWaitTimeout.String()}
+	}
+	if c.opts.receptive != nil {
+		agentSection["receptive"] = c.opts.receptive
 	}
 	api := loopback()
 	api["authentication_secret_file"] = c.opts.apiSecretFile
