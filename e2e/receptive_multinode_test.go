@@ -89,7 +89,9 @@ func TestReceptiveAgentsOnSeveralNodes(t *testing.T) {
 		a := agentks[id]
 		// The dead node's tunnel goes at once; the new holder's comes.
 		eventually(t, func() bool { return a.agent.Tunnels() == 2 && heldBy(t, survivors[0], id, survivors) == 2 },
-			func() string { return fmt.Sprintf("agent %d has %d tunnels, want 2 on the surviving nodes", id, a.agent.Tunnels()) })
+			func() string {
+				return fmt.Sprintf("agent %d has %d tunnels, want 2 on the surviving nodes", id, a.agent.Tunnels())
+			})
 		takeovers = append(takeovers, time.Since(killed))
 	}
 	takeover := slices.Max(takeovers)
