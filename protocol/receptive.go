@@ -122,7 +122,16 @@ func VerifyReceptiveJWT(key ed25519.PublicKey, token string, agentID int64) erro
 	case errors.Is(err, jwt.ErrTokenInvalidIssuer):
 		return fmt.Errorf("the JWT's issuer is %q, want %q", clipClaim(claims.Issuer), ReceptiveJWTIssuer)
 	case errors.Is(err, jwt.ErrTokenRequiredClaimMissing):
-		return errors.New("the JWT has no expiry (exp)")
+		var missing []string
+		for _, c := range []struct {
+			name    string
+			missing bool
+		}{{"exp", claims.ExpiresAt == nil}, {"iss", claims.Issuer == ""}, {"aud", len(claims.Audience) == 0}} {
+			if c.missing {
+				missing = append(missing, c.name)
+			}
+		}
+		return fmt.Errorf("the JWT lacks required claims: %s", strings.Join(missing, ", "))
 	default:
 		return fmt.Errorf("the JWT is not valid: %w", err)
 	}
