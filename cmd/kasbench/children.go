@@ -31,6 +31,19 @@ type child struct {
 
 	ready readyMessage
 	mu    sync.Mutex // one command at a time
+	// killed: the benchmark killed it on purpose (SIGKILL), so its exit
+	// status is no failure.
+	killed bool
+}
+
+// kill ends the child with SIGKILL, as a crash would.
+func (c *child) kill() error {
+	c.killed = true
+	if err := c.cmd.Process.Kill(); err != nil {
+		return fmt.Errorf("kill %s: %w", c.name, err)
+	}
+	<-c.waited
+	return nil
 }
 
 // startChild runs `<this binary> role args…` and waits until
@@ -196,7 +209,7 @@ func (c *child) stop() error {
 		<-c.waited
 		return fmt.Errorf("%s did not stop within 15s and was killed", c.name)
 	}
-	if c.waitErr != nil {
+	if c.waitErr != nil && !c.killed {
 		return fmt.Errorf("%s: %w%s", c.name, c.waitErr, c.logTail())
 	}
 	return nil
