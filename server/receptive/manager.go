@@ -180,7 +180,7 @@ func orDefault(d, def time.Duration) time.Duration {
 // it closes every connection gracefully and, with several nodes, gives up
 // its leases so the other nodes take over at once.
 func (m *Manager) Run(ctx context.Context) {
-	m.log.Info("Receptive agents enabled: kas dials the agents GitLab lists", "poll_period", m.poll.String(), "several_nodes", m.leases != nil)
+	m.log.Info("Receptive agents enabled: kas dials the agents listed by GitLab or the standalone file", "poll_period", m.poll.String(), "several_nodes", m.leases != nil)
 	poll := time.NewTimer(0)
 	defer poll.Stop()
 	var leaseTick <-chan time.Time
@@ -485,7 +485,8 @@ func (c *connector) connectAndServe(ctx context.Context) error {
 		c.connected.Store(false)
 		m.metrics.connected.Dec()
 	}()
-	return m.server.Serve(ctx, c.log, tunnel.Conn{WS: hs.ws, Agent: *info, Description: hs.answer})
+	// The tunnel adds agent_id to its logs itself.
+	return m.server.Serve(ctx, m.log.With("url", s.rawURL), tunnel.Conn{WS: hs.ws, Agent: *info, Description: hs.answer})
 }
 
 // backoff is exponential backoff with full jitter: the n-th delay is uniform
