@@ -21,6 +21,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"k8s.io/client-go/rest"
 
+	"github.com/kasproject/kas/internal/backoff"
 	"github.com/kasproject/kas/protocol"
 )
 
@@ -213,7 +214,7 @@ func (a *Agent) Run(ctx context.Context) error {
 // dialLoop connects to kas and serves the tunnel, reconnecting with backoff,
 // until ctx is cancelled.
 func (a *Agent) dialLoop(ctx context.Context, header http.Header) {
-	b := backoff{min: a.minBackoff, max: a.maxBackoff}
+	b := backoff.Backoff{Min: a.minBackoff, Max: a.maxBackoff}
 	for ctx.Err() == nil {
 		delay := a.connectAndServe(ctx, header, &b)
 		if ctx.Err() != nil {

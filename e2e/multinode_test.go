@@ -502,7 +502,7 @@ func testGRPCS(t *testing.T, bin string) {
 	c := newCluster(t, bin, clusterOptions{standaloneFile: e.scenarioFile})
 	// The certificate names kas.internal only: not the 127.0.0.1 the
 	// nodes publish, so only the checked name can make it pass.
-	cert := issueCertificate(t, t.TempDir(), "kas.internal")
+	cert := issueCertificate(t, "kas.internal")
 	tlsNode := func(host string) nodeOptions {
 		return nodeOptions{env: []string{"OWN_PRIVATE_API_SCHEME=grpcs", "OWN_PRIVATE_API_HOST=" + host}, tls: cert}
 	}

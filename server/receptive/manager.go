@@ -31,6 +31,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/kasproject/kas/internal/backoff"
 	"github.com/kasproject/kas/server/gitlab"
 	"github.com/kasproject/kas/server/tunnel"
 )
@@ -433,7 +434,7 @@ var (
 )
 
 func (c *connector) run(ctx context.Context) {
-	b := backoff{min: c.m.minBackoff, max: c.m.maxBackoff}
+	b := backoff.Backoff{Min: c.m.minBackoff, Max: c.m.maxBackoff}
 	for ctx.Err() == nil {
 		start := time.Now()
 		err := c.connectAndServe(ctx)
@@ -441,9 +442,9 @@ func (c *connector) run(ctx context.Context) {
 			return
 		}
 		if time.Since(start) >= stableConnection {
-			b.reset()
+			b.Reset()
 		}
-		t := time.NewTimer(b.next())
+		t := time.NewTimer(b.Next())
 		select {
 		case <-ctx.Done():
 			t.Stop()
@@ -488,24 +489,6 @@ func (c *connector) connectAndServe(ctx context.Context) error {
 	// The tunnel adds agent_id to its logs itself.
 	return m.server.Serve(ctx, m.log.With("url", s.rawURL), tunnel.Conn{WS: hs.ws, Agent: *info, Description: hs.answer})
 }
-
-// backoff is exponential backoff with full jitter: the n-th delay is uniform
-// in (0, min·2ⁿ], capped at max.
-type backoff struct {
-	min, max time.Duration
-	attempt  int
-}
-
-func (b *backoff) next() time.Duration {
-	ceiling := b.max
-	if d := b.min << b.attempt; b.attempt < 62 && d > 0 && d < b.max {
-		ceiling = d
-		b.attempt++
-	}
-	return rand.N(ceiling) + 1
-}
-
-func (b *backoff) reset() { b.attempt = 0 }
 
 // metrics are the receptive agents' Prometheus metrics.
 type metrics struct {
