@@ -250,8 +250,11 @@ func (n *node) holders(agentID int64) ([]string, error) {
 	}
 	var urls []string
 	for _, a := range st.Agents {
-		if a.AgentID == agentID {
-			urls = append(urls, strings.Join(a.NodeURLs, ","))
+		if a.ID != agentID {
+			continue
+		}
+		for _, c := range a.Connections {
+			urls = append(urls, strings.Join(c.NodeURLs, ","))
 		}
 	}
 	return urls, nil

@@ -137,7 +137,13 @@ type kasNode struct {
 // startKAS runs kas with cfg until stop is called or the test ends.
 func startKAS(t *testing.T, cfg *config.Config, log *slog.Logger) *kasNode {
 	t.Helper()
-	srv, err := server.New(cfg, server.Options{Logger: log, Version: "e2e"})
+	return startKASWith(t, cfg, server.Options{Logger: log, Version: "e2e"})
+}
+
+// startKASWith runs kas with cfg and opts until stop is called or the test ends.
+func startKASWith(t *testing.T, cfg *config.Config, opts server.Options) *kasNode {
+	t.Helper()
+	srv, err := server.New(cfg, opts)
 	if err != nil {
 		t.Fatalf("build kas: %v", err)
 	}
@@ -190,13 +196,12 @@ func tunnels(observability string, agentID int64) (int, error) {
 	if err := json.NewDecoder(resp.Body).Decode(&st); err != nil {
 		return 0, fmt.Errorf("decode status: %w", err)
 	}
-	n := 0
 	for _, a := range st.Agents {
-		if a.AgentID == agentID {
-			n++
+		if a.ID == agentID {
+			return len(a.Connections), nil
 		}
 	}
-	return n, nil
+	return 0, nil
 }
 
 // waitTunnels waits until kas lists exactly n tunnels for the agent.

@@ -21,6 +21,8 @@ import (
 	"k8s.io/client-go/rest"
 
 	"github.com/kasproject/kas/agent"
+	"github.com/kasproject/kas/registry"
+	"github.com/kasproject/kas/web"
 )
 
 // testCA is a certificate authority that issues the certificates of
@@ -133,6 +135,15 @@ func newJWTKeys(t *testing.T) jwtKeys {
 		t.Fatal(err)
 	}
 	return jwtKeys{public: pub, private: priv, privateFile: writePEM(t, filepath.Join(t.TempDir(), "jwt.key"), "PRIVATE KEY", der)}
+}
+
+// connections lists every tunnel the status page shows, of every agent.
+func connections(st web.Status) []registry.TunnelInfo {
+	var out []registry.TunnelInfo
+	for _, a := range st.Agents {
+		out = append(out, a.Connections...)
+	}
+	return out
 }
 
 // receptiveName is the name in receptive agents' certificates: the tests

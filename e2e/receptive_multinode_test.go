@@ -174,7 +174,7 @@ func waitReceptiveHolders(t *testing.T, nodes []*node, agents []testAgent, agent
 					return false
 				}
 				var urls []string
-				for _, info := range st.Agents {
+				for _, info := range connections(st) {
 					if info.AgentID == a.id {
 						if !info.Receptive {
 							problem = fmt.Sprintf("%s lists agent %d's tunnel as not receptive", n.name, a.id)

@@ -195,10 +195,11 @@ func TestReceptiveAgentCannotDialOut(t *testing.T) {
 	}
 	eventually(t, func() bool {
 		st, err := statusThrough(e.client, e.kas.observability)
-		if err != nil || len(st.Agents) != 4 {
+		conns := connections(st)
+		if err != nil || len(conns) != 4 {
 			return false
 		}
-		for _, info := range st.Agents {
+		for _, info := range conns {
 			if !info.Receptive || info.ProjectID != infraProjectID {
 				return false
 			}

@@ -134,7 +134,11 @@ func TestReceptiveAgents(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		for _, info := range st.Agents {
+		conns := connections(st)
+		if len(conns) != 4 {
+			t.Errorf("status page lists %d tunnels, want 4", len(conns))
+		}
+		for _, info := range conns {
 			if !info.Receptive || info.ProjectID != infraProjectID || info.PodName == "" {
 				t.Errorf("status page lists %+v, want a receptive tunnel of project %d with agentk's description", info, infraProjectID)
 			}
@@ -266,8 +270,8 @@ func TestReceptiveAgents(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if len(st.Agents) != 1 || st.Agents[0].ProjectID != infraProjectID || !st.Agents[0].Receptive {
-			t.Errorf("status page lists %+v, want agent %d's receptive tunnel in project %d", st.Agents, asCIJob.id, infraProjectID)
+		if conns := connections(st); len(conns) != 1 || conns[0].AgentID != asCIJob.id || conns[0].ProjectID != infraProjectID || !conns[0].Receptive {
+			t.Errorf("status page lists %+v, want agent %d's receptive tunnel in project %d", conns, asCIJob.id, infraProjectID)
 		}
 		if rails.Calls(gitlab.PathAgentInfo) == 0 {
 			t.Error("kas never asked GitLab who the agent is")

@@ -61,3 +61,22 @@ func wrap(w http.ResponseWriter) *recorder {
 	}
 	return &recorder{ResponseWriter: w}
 }
+
+// Recorded is what a handler can learn of its own response after serving it.
+type Recorded interface {
+	// Status is the status sent (101 for a hijacked upgrade), 0 if nothing was.
+	Status() int
+	// BytesWritten counts the body bytes written through the ResponseWriter.
+	BytesWritten() int64
+}
+
+func (r *recorder) Status() int         { return r.status }
+func (r *recorder) BytesWritten() int64 { return r.bytes }
+
+// Record returns a ResponseWriter to serve through and what it recorded.
+// Behind AccessLog or Metrics it is the recorder they installed, so it
+// costs nothing; elsewhere it wraps w.
+func Record(w http.ResponseWriter) (http.ResponseWriter, Recorded) {
+	rec := wrap(w)
+	return rec, rec
+}

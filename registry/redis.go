@@ -368,6 +368,16 @@ func (r *Redis) Tunnels(ctx context.Context, agentIDs ...int64) ([]TunnelInfo, e
 	return out, nil
 }
 
+// LocalTunnels lists this node's own connections from memory, without
+// Redis: what the status page still shows while Redis is unreachable.
+func (r *Redis) LocalTunnels() []TunnelInfo {
+	out, _ := r.local.Tunnels(context.Background())
+	for i := range out {
+		out[i].NodeURLs = slices.Clone(r.nodeURLs)
+	}
+	return out
+}
+
 // readTunnels reads other nodes' live tunnels from the given agent hashes.
 func (r *Redis) readTunnels(ctx context.Context, keys []string) ([]TunnelInfo, error) {
 	pipe := r.client.Pipeline()

@@ -87,8 +87,9 @@ type ObservabilityHandlers struct {
 //	GET /metrics       Prometheus metrics (observability.prometheus.url_path)
 //	GET /liveness      200 while the process runs (observability.liveness_probe.url_path)
 //	GET /readiness     200 when kas can serve, 503 with the reason otherwise
-//	GET /              status page: this node, its agents, recent errors
-//	GET /debug/status  the status page's data as JSON
+//	GET /              status page: agents on every node with their traffic, nodes,
+//	                   dependencies, recent warnings (?q= filters agents, ?sort= sorts them)
+//	GET /debug/status  the status page's data as JSON, same parameters (docs/status.md)
 func Observability(c Common, h ObservabilityHandlers) http.Handler {
 	r := chi.NewRouter()
 	c.use(r, "observability")

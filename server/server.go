@@ -30,6 +30,8 @@ import (
 	"github.com/kasproject/kas/server/peer"
 	"github.com/kasproject/kas/server/proxyauth"
 	"github.com/kasproject/kas/server/standalone"
+	"github.com/kasproject/kas/server/status"
+	"github.com/kasproject/kas/server/traffic"
 	"github.com/kasproject/kas/server/tunnel"
 	"github.com/kasproject/kas/server/usage"
 	"github.com/kasproject/kas/tlsutil"
@@ -73,6 +75,8 @@ type Server struct {
 	peerRouter    *peer.Router
 	nodeURLs      []string
 
+	statusParts statusParts
+
 	listeners []*listener
 	ready     atomic.Bool
 	readyCh   chan struct{}
@@ -107,6 +111,7 @@ func New(cfg *config.Config, opts Options) (_ *Server, err error) {
 		metrics:   prometheus.NewRegistry(),
 		readyCh:   make(chan struct{}),
 	}
+	s.statusParts = statusParts{traffic: &traffic.Recorder{}, seen: status.NewSeen()}
 	defer func() {
 		if err != nil {
 			s.closeBuilt()
@@ -133,10 +138,18 @@ func New(cfg *config.Config, opts Options) (_ *Server, err error) {
 		Logger:   s.log,
 	})
 
-	var onConnect func(gitlab.AgentInfo, registry.Tunnel)
-	var onDisconnect func(registry.Tunnel)
-	if s.configs != nil {
-		onConnect, onDisconnect = s.configs.Connect, s.configs.Disconnect
+	seen := s.statusParts.seen
+	onConnect := func(info gitlab.AgentInfo, t registry.Tunnel) {
+		seen.Connect(info)
+		if s.configs != nil {
+			s.configs.Connect(info, t)
+		}
+	}
+	onDisconnect := func(t registry.Tunnel) {
+		seen.Disconnect(t.Info().AgentID)
+		if s.configs != nil {
+			s.configs.Disconnect(t)
+		}
 	}
 	s.endpoint, err = tunnel.NewEndpoint(tunnel.Options{
 		API:                          s.api,
@@ -164,6 +177,7 @@ func New(cfg *config.Config, opts Options) (_ *Server, err error) {
 		Logger:           s.log,
 		AgentWaitTimeout: cfg.Agent.KubernetesAPI.AgentWaitTimeout.D(),
 		OnAuthorized:     s.usage.Observe,
+		Traffic:          s.statusParts.traffic,
 	})
 
 	common := routes.Common{Logger: s.log, Metrics: httpMetrics}
@@ -172,7 +186,7 @@ func New(cfg *config.Config, opts Options) (_ *Server, err error) {
 		KubernetesProxy: proxy,
 		AllowedOrigins:  cfg.Agent.KubernetesAPI.AllowedOrigins,
 	}
-	statusPage, statusJSON := web.Handlers(s.status)
+	statusPage, statusJSON := web.Handlers(s.status, s.log)
 	observability := routes.ObservabilityHandlers{
 		Gatherer:      s.metrics,
 		Ready:         s.checkReady,
@@ -199,6 +213,9 @@ func New(cfg *config.Config, opts Options) (_ *Server, err error) {
 	}
 	// Last: it starts certmagic's maintenance goroutine, which Run stops.
 	if err := s.buildACME(); err != nil {
+		return nil, err
+	}
+	if err := s.buildStatus(); err != nil {
 		return nil, err
 	}
 	return s, nil
@@ -417,6 +434,9 @@ func (s *Server) Run(ctx context.Context) error {
 	usageCtx, stopUsage := context.WithCancel(context.WithoutCancel(ctx))
 	var usageDone sync.WaitGroup
 	usageDone.Go(func() { s.usage.Run(usageCtx) })
+	statusCtx, stopStatus := context.WithCancel(context.WithoutCancel(ctx))
+	var statusDone sync.WaitGroup
+	statusDone.Go(func() { s.runStatus(statusCtx) })
 	for _, l := range s.listeners {
 		s.log.Info("Listening", "listener", l.name, "network", l.network, "address", l.ln.Addr().String(), "tls", l.tls != nil || l.certs != nil)
 		serving.Go(func() {
@@ -449,6 +469,8 @@ func (s *Server) Run(ctx context.Context) error {
 	case runErr = <-serveErr:
 		s.log.Error("Listener failed; shutting down", "error", runErr.Error())
 	}
+	stopStatus() // before shutdown removes this node's summary from Redis
+	statusDone.Wait()
 	s.shutdown()
 	serving.Wait()
 	stopUsage() // after the listeners, so the last report counts every request
@@ -477,6 +499,7 @@ func (s *Server) shutdown() {
 		}
 	})
 	wg.Wait()
+	s.closeStatus(ctx)
 	s.closeMultiNode(ctx)
 	if s.configs != nil {
 		s.configs.Close()
@@ -499,6 +522,7 @@ func (s *Server) closeBuilt() {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
+	s.closeStatus(ctx)
 	s.closeMultiNode(ctx)
 	s.closeTLS()
 	s.closeAPI()
@@ -560,25 +584,8 @@ func (l *listener) shutdown(ctx context.Context) error {
 	return err
 }
 
-func (s *Server) status(ctx context.Context) web.Status {
-	st := web.Status{Version: s.opts.Version, StartedAt: s.startedAt, Mode: "standalone"}
-	if s.cfg.GitLab.Address != "" {
-		st.Mode = "gitlab"
-	}
-	agents, err := s.registry.Tunnels(ctx)
-	if err != nil {
-		st.Error = "list agents: " + err.Error()
-	}
-	st.Agents = agents
-	st.NodeURLs = s.nodeURLs
-	if st.Peers, err = s.peers(ctx); err != nil {
-		st.Error += " list other nodes: " + err.Error()
-	}
-	if s.opts.Recent != nil {
-		st.RecentErrors = s.opts.Recent.Entries()
-	}
-	return st
-}
+// status is the status page's data.
+func (s *Server) status(ctx context.Context) web.Status { return s.statusParts.page.Gather(ctx) }
 
 // noStandaloneData answers for standalone mode without standalone.file:
 // nobody is known, so every credential is refused with the reason.

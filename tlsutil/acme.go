@@ -66,6 +66,7 @@ type ACME struct {
 	cache     *certmagic.Cache
 	magic     *certmagic.Config
 	issuer    *certmagic.ACMEIssuer
+	events    acmeEvents // the last obtain/renew outcome per domain (status page)
 	closeOnce sync.Once
 }
 
@@ -141,6 +142,7 @@ func NewACME(cfg config.ACME, opts ACMEOptions) (*ACME, error) {
 		// Clients that send no SNI (dialing an IP address) still get a
 		// certificate, and an error naming it instead of a bare alert.
 		DefaultServerName: cfg.Domains[0],
+		OnEvent:           a.events.onEvent,
 	})
 	a.issuer = certmagic.NewACMEIssuer(a.magic, template)
 	a.magic.Issuers = []certmagic.Issuer{a.issuer}

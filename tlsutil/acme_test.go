@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -152,6 +153,11 @@ func TestACMEObtainsCertificate(t *testing.T) {
 			serial := node.get(t, roots)
 			if n := pebble.Orders(); n != 1 {
 				t.Errorf("Pebble got %d orders, want 1", n)
+			}
+			certs := node.acme.Certificates()
+			if len(certs) != 1 || !slices.Contains(certs[0].Names, testDomain) || certs[0].Issuer == "" || certs[0].Error != "" ||
+				!certs[0].NotAfter.After(time.Now()) || !strings.Contains(certs[0].Renewal, "renews from") || !strings.Contains(certs[0].Renewal, "obtained at") {
+				t.Errorf("status of the ACME certificate: %+v", certs)
 			}
 
 			if tt.http {

@@ -178,6 +178,10 @@ func TestCertReloader(t *testing.T) {
 		t.Fatal(err)
 	}
 	addr := serveTLS(t, ServerConfig(r.GetCertificate), http.HandlerFunc(func(http.ResponseWriter, *http.Request) {}))
+	if info := r.Info("agent.listen"); info.Error != "" || len(info.Names) == 0 || !strings.Contains(info.Issuer, "reload CA") ||
+		!info.NotAfter.After(time.Now()) || !strings.Contains(info.Source, certFile) {
+		t.Errorf("certificate status: %+v", info)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	running := make(chan struct{})
 	go func() {

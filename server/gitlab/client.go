@@ -113,6 +113,8 @@ type Client struct {
 	agentInfo     *cache
 	proxyUser     *cache
 	allowedAgents *cache
+
+	health health // how GitLab has been answering, for the status page
 }
 
 var (
@@ -335,7 +337,8 @@ func (c *Client) cached(ctx context.Context, op string, cache *cache, key string
 // call makes one request to GitLab and returns the answer's body. reqBody,
 // if not nil, is sent as JSON; a 2xx answer is decoded into check, if not
 // nil, to refuse a malformed body before anyone caches it.
-func (c *Client) call(ctx context.Context, op, method, path string, setHeader func(http.Header), reqBody, check any) ([]byte, error) {
+func (c *Client) call(ctx context.Context, op, method, path string, setHeader func(http.Header), reqBody, check any) (answer []byte, err error) {
+	defer func() { c.health.observe(err) }()
 	p, query, _ := strings.Cut(path, "?") // JoinPath would escape the '?'
 	target := c.base.JoinPath(p)
 	target.RawQuery = query
@@ -374,7 +377,7 @@ func (c *Client) call(ctx context.Context, op, method, path string, setHeader fu
 		return nil, c.transportError(ctx, op, u, err)
 	}
 	defer resp.Body.Close()
-	answer, err := io.ReadAll(io.LimitReader(resp.Body, maxAnswerSize+1))
+	answer, err = io.ReadAll(io.LimitReader(resp.Body, maxAnswerSize+1))
 	if err != nil {
 		return nil, c.transportError(ctx, op, u, err)
 	}

@@ -7,6 +7,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/http"
 	"net/http/httputil"
@@ -17,11 +18,13 @@ import (
 
 	"golang.org/x/net/http/httpguts"
 
+	"github.com/kasproject/kas/middleware"
 	"github.com/kasproject/kas/protocol"
 	"github.com/kasproject/kas/registry"
 	"github.com/kasproject/kas/server/correlation"
 	"github.com/kasproject/kas/server/kubestatus"
 	"github.com/kasproject/kas/server/proxyauth"
+	"github.com/kasproject/kas/server/traffic"
 )
 
 // Authenticator decides who the caller is and whom the agent impersonates.
@@ -45,6 +48,12 @@ type Options struct {
 	// OnAuthorized is told about every authorized request (usage metrics);
 	// nil means nobody is told.
 	OnAuthorized func(*proxyauth.Result)
+	// Traffic, if set, counts every authorized request for its agent:
+	// failures (kas's own 5xx answers and the cluster's), body bytes each
+	// way, the last failure. A request is counted once, here, on the node
+	// that received it, whether one of this node's tunnels or another
+	// node's served it; the status page adds the nodes' counts up.
+	Traffic *traffic.Recorder
 }
 
 // Handler serves the Kubernetes API proxy. Mount it with the URL prefix
@@ -62,6 +71,10 @@ type route struct {
 	auth      *proxyauth.Result
 	// identity is the encoded protocol.HeaderIdentity, "" for the agent itself.
 	identity string
+	// failure is why kas failed the request itself, for the agent's traffic.
+	failure string
+	// in counts the request body's bytes, for the agent's traffic.
+	in countingBody
 }
 
 // NewHandler returns the proxy handler.
@@ -144,6 +157,16 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if h.opts.OnAuthorized != nil {
 		h.opts.OnAuthorized(res)
 	}
+	rt := &route{auth: res, identity: identity}
+	if h.opts.Traffic != nil {
+		var rec middleware.Recorded
+		w, rec = middleware.Record(w)
+		rt.in = countingBody{ReadCloser: r.Body, n: max(r.ContentLength, 0)}
+		if r.ContentLength < 0 { // unknown length: count what is read
+			r.Body = &rt.in
+		}
+		defer h.count(r, rt, rec)
+	}
 	wctx, cancel := context.WithTimeout(ctx, h.opts.AgentWaitTimeout)
 	transport, err := h.opts.Router.Route(wctx, res.AgentID)
 	cancel()
@@ -153,13 +176,50 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		log.Info("No tunnel for agent", "agent_id", res.AgentID, "error", err.Error())
 		w.Header().Set("Retry-After", "5") // client-go retries on its own
-		kubestatus.Write(w, http.StatusServiceUnavailable, kubestatus.ReasonServiceUnavailable,
-			fmt.Sprintf("agent %d is not connected to kas (waited %s); check that agentk is running and can reach kas",
-				res.AgentID, h.opts.AgentWaitTimeout))
+		rt.failure = fmt.Sprintf("agent %d is not connected to kas (waited %s); check that agentk is running and can reach kas",
+			res.AgentID, h.opts.AgentWaitTimeout)
+		kubestatus.Write(w, http.StatusServiceUnavailable, kubestatus.ReasonServiceUnavailable, rt.failure)
 		return
 	}
-	ctx = context.WithValue(ctx, routeKey{}, &route{transport: transport, auth: res, identity: identity})
+	rt.transport = transport
+	ctx = context.WithValue(ctx, routeKey{}, rt)
 	h.proxy.ServeHTTP(w, r.WithContext(ctx))
+}
+
+// maxFailurePath bounds the request path quoted in a failure message.
+const maxFailurePath = 200
+
+// count adds the finished request to its agent's traffic. Only a failure
+// costs an allocation (its message).
+func (h *Handler) count(r *http.Request, rt *route, rec middleware.Recorded) {
+	series := h.opts.Traffic.Agent(rt.auth.AgentID)
+	status := rec.Status()
+	failed := rt.failure != "" || status >= 500
+	series.Observe(failed, rt.in.n, rec.BytesWritten())
+	if !failed {
+		return
+	}
+	msg := rt.failure
+	if msg == "" {
+		p := r.URL.Path
+		if len(p) > maxFailurePath {
+			p = p[:maxFailurePath] + "…"
+		}
+		msg = fmt.Sprintf("%s %s: the cluster answered %d %s", r.Method, p, status, http.StatusText(status))
+	}
+	series.Fail(traffic.Failure{Time: time.Now().UTC(), Message: msg, CorrelationID: correlation.FromContext(r.Context())})
+}
+
+// countingBody counts the bytes of a request body of unknown length.
+type countingBody struct {
+	io.ReadCloser
+	n int64
+}
+
+func (b *countingBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	b.n += int64(n)
+	return n, err
 }
 
 // rewrite turns the caller's request into the tunnelled one: credentials and
@@ -203,16 +263,16 @@ func (h *Handler) proxyError(w http.ResponseWriter, r *http.Request, err error) 
 		// Every node that held a tunnel lost it between routing and sending.
 		log.Info("Agent's tunnels went away", "error", err.Error())
 		w.Header().Set("Retry-After", "5")
-		kubestatus.Write(w, http.StatusServiceUnavailable, kubestatus.ReasonServiceUnavailable,
-			fmt.Sprintf("agent %d is not connected to kas any more; it is probably reconnecting", rt.auth.AgentID))
+		rt.failure = fmt.Sprintf("agent %d is not connected to kas any more; it is probably reconnecting", rt.auth.AgentID)
+		kubestatus.Write(w, http.StatusServiceUnavailable, kubestatus.ReasonServiceUnavailable, rt.failure)
 	case errors.Is(err, context.DeadlineExceeded):
 		log.Warn("Kubernetes API request timed out", "error", err.Error())
-		kubestatus.Write(w, http.StatusGatewayTimeout, kubestatus.ReasonTimeout,
-			fmt.Sprintf("request to agent %d timed out", rt.auth.AgentID))
+		rt.failure = fmt.Sprintf("request to agent %d timed out", rt.auth.AgentID)
+		kubestatus.Write(w, http.StatusGatewayTimeout, kubestatus.ReasonTimeout, rt.failure)
 	default:
 		log.Warn("Kubernetes API request through agent failed", "error", err.Error())
-		kubestatus.Write(w, http.StatusBadGateway, kubestatus.ReasonInternalError,
-			fmt.Sprintf("agent %d failed to complete the request: %v", rt.auth.AgentID, err))
+		rt.failure = fmt.Sprintf("agent %d failed to complete the request: %v", rt.auth.AgentID, err)
+		kubestatus.Write(w, http.StatusBadGateway, kubestatus.ReasonInternalError, rt.failure)
 	}
 }
 
