@@ -15,6 +15,7 @@ import (
 	"net/http/httputil"
 	"net/url"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/gorilla/websocket"
@@ -96,6 +97,9 @@ type Agent struct {
 	streamBuffers    *bufferPool
 	requestBodies    protocol.BulkBodies // large request bodies read from the tunnel in large chunks
 	handlersRunning  handlerTracker
+
+	// receptiveServing is true while the receptive listener accepts kas.
+	receptiveServing atomic.Bool
 
 	mu        sync.Mutex
 	started   bool

@@ -70,7 +70,10 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 }
 
 // ObservabilityHandler serves /metrics from gatherer, /liveness (200 while
-// the process runs) and /readiness (200 while a tunnel to kas is up, else 503).
+// the process runs) and /readiness: 200 while a tunnel to kas is up or, in
+// receptive mode, while agentk accepts kas's connections (a Kubernetes
+// Service must send kas to a receptive agentk before any tunnel exists), else
+// 503.
 func (a *Agent) ObservabilityHandler(gatherer prometheus.Gatherer) http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(gatherer, promhttp.HandlerOpts{}))
@@ -80,12 +83,15 @@ func (a *Agent) ObservabilityHandler(gatherer prometheus.Gatherer) http.Handler 
 	})
 	mux.HandleFunc("GET /readiness", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-		if !a.IsConnected() {
+		switch {
+		case a.IsConnected():
+			_, _ = w.Write([]byte("ok\n"))
+		case a.receptiveServing.Load():
+			_, _ = w.Write([]byte("ok: accepting kas's connections (receptive mode), no tunnel yet\n"))
+		default:
 			w.WriteHeader(http.StatusServiceUnavailable)
 			_, _ = w.Write([]byte("no tunnel to kas\n"))
-			return
 		}
-		_, _ = w.Write([]byte("ok\n"))
 	})
 	return mux
 }

@@ -100,6 +100,7 @@ func (a *Agent) serveReceptive(ctx context.Context, header http.Header) {
 		BaseContext:       func(net.Listener) context.Context { return context.WithoutCancel(ctx) },
 	}
 	served := make(chan error, 1)
+	a.receptiveServing.Store(true)
 	go func() { served <- srv.Serve(a.receptive.Listener) }()
 	a.logger.Info("accepting kas's connections (receptive mode)", "address", a.receptive.Listener.Addr().String(),
 		"jwt", a.receptive.JWTPublicKey != nil, "mtls", a.receptive.ClientCAs != nil)
@@ -112,6 +113,7 @@ func (a *Agent) serveReceptive(ctx context.Context, header http.Header) {
 	}
 	// Close stops accepting; the tunnels, hijacked from the server, shut
 	// down gracefully on their own as ctx is cancelled.
+	a.receptiveServing.Store(false)
 	_ = srv.Close()
 	h.tunnels.closeAndWait()
 }

@@ -13,6 +13,7 @@ import (
 	"math/big"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
@@ -233,6 +234,13 @@ func TestReceptiveServesSeveralKASConnections(t *testing.T) {
 	api := newAPIServer(t, nil)
 	pub, priv, _ := ed25519.GenerateKey(rand.Reader)
 	a := startReceptive(t, api, pub, nil, "")
+	// Ready before any tunnel: a Service must send kas to a receptive agentk.
+	readiness := func() int {
+		rec := httptest.NewRecorder()
+		a.ObservabilityHandler(a.registry).ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/readiness", nil))
+		return rec.Code
+	}
+	waitFor(t, func() bool { return readiness() == http.StatusOK }, "receptive agentk ready without a tunnel")
 	token, err := protocol.SignReceptiveJWT(priv, receptiveTestID)
 	if err != nil {
 		t.Fatal(err)
@@ -269,6 +277,9 @@ func TestReceptiveServesSeveralKASConnections(t *testing.T) {
 	}
 	if a.Tunnels() != 0 {
 		t.Errorf("%d tunnels left after Run returned", a.Tunnels())
+	}
+	if code := readiness(); code != http.StatusServiceUnavailable {
+		t.Errorf("/readiness after Run returned = %d, want 503", code)
 	}
 	if conn, err := net.DialTimeout("tcp", a.addr, time.Second); err == nil {
 		_ = conn.Close()

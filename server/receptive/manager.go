@@ -25,6 +25,8 @@ import (
 	"maps"
 	"math/rand/v2"
 	"slices"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -250,18 +252,25 @@ func (m *Manager) refreshList(ctx context.Context) (added bool) {
 		}
 		specs[s.id] = s
 	}
+	var gone, listed []int64
 	for id := range m.specs {
 		if specs[id] == nil {
-			m.log.Info("Receptive agent no longer listed; closing kas's connection to it", "agent_id", id)
+			gone = append(gone, id)
 			delete(m.dialErrs, id)
 		}
 	}
-	for id, s := range specs {
+	for id := range specs {
 		if m.specs[id] == nil {
-			added = true
-			m.log.Info("Receptive agent listed", "agent_id", id, "url", s.rawURL)
+			listed = append(listed, id)
 		}
 	}
+	if len(listed) > 0 {
+		m.log.Info("Receptive agents listed", "count", len(listed), "agent_ids", idList(listed))
+	}
+	if len(gone) > 0 {
+		m.log.Info("Receptive agents no longer listed; closing kas's connections to them", "count", len(gone), "agent_ids", idList(gone))
+	}
+	added = len(listed) > 0
 	m.specs = specs
 	m.metrics.listed.Set(float64(len(specs)))
 	if m.leases == nil {
@@ -290,15 +299,20 @@ func (m *Manager) syncLeases(ctx context.Context) {
 		return
 	}
 	m.leaseErr.ok(m.log, "Renewed leases on receptive agents again")
+	var lost, taken []int64
 	for id := range m.held {
 		if !held[id] && m.specs[id] != nil {
-			m.log.Info("Another node holds this receptive agent now; closing this node's connection", "agent_id", id)
+			lost = append(lost, id)
 		}
 	}
 	for id := range held {
 		if !m.held[id] {
-			m.log.Info("This node holds the receptive agent now", "agent_id", id)
+			taken = append(taken, id)
 		}
+	}
+	if len(lost) > 0 || len(taken) > 0 {
+		m.log.Info("This node's share of the receptive agents changed", "holds", len(held),
+			"took", idList(taken), "gave_up_to_other_nodes", idList(lost))
 	}
 	// Leases on agents no longer listed lapse; give them up at once.
 	var unlisted []int64
@@ -362,6 +376,24 @@ func (m *Manager) stop() {
 		}
 	}
 	m.log.Info("Receptive agents: stopped")
+}
+
+// idList names agents in a log line: sorted, at most 20, then how many more.
+func idList(ids []int64) string {
+	const most = 20
+	slices.Sort(ids)
+	var b strings.Builder
+	for i, id := range ids {
+		if i == most {
+			fmt.Fprintf(&b, " …and %d more", len(ids)-most)
+			break
+		}
+		if i > 0 {
+			b.WriteByte(' ')
+		}
+		b.WriteString(strconv.FormatInt(id, 10))
+	}
+	return b.String()
 }
 
 // jitter spreads d by ±10% so nodes started together do not poll together.

@@ -222,3 +222,16 @@ func value(c prometheus.Metric) float64 {
 	}
 	return m.Gauge.GetValue()
 }
+
+func TestIDList(t *testing.T) {
+	if got := idList([]int64{3, 1, 2}); got != "1 2 3" {
+		t.Errorf("idList = %q", got)
+	}
+	var many []int64
+	for i := range 25 {
+		many = append(many, int64(25-i))
+	}
+	if got := idList(many); !strings.HasPrefix(got, "1 2 3") || !strings.HasSuffix(got, "19 20 …and 5 more") {
+		t.Errorf("idList of 25 = %q", got)
+	}
+}
