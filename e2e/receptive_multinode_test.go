@@ -10,6 +10,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/kasproject/kas/server/kasjwt"
 )
 
 // TestReceptiveAgentsOnSeveralNodes runs three kas processes sharing a
@@ -63,6 +65,23 @@ func TestReceptiveAgentsOnSeveralNodes(t *testing.T) {
 	time.Sleep(leasePeriod)
 	holders := waitReceptiveHolders(t, nodes, agents, agentks, 2)
 	t.Logf("holders by node: %v", holders)
+	// GitLab's agent tracker lists both connections of every agent, on
+	// every node.
+	token, err := kasjwt.Sign(c.opts.apiSecret, "gitlab", kasjwt.AudienceKAS, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range nodes {
+		got, err := connectedAgents(w.env, n, token, agents...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, a := range agents {
+			if want := []string{"agentk-" + a.name, "agentk-" + a.name}; !slices.Equal(got[a.id], want) {
+				t.Errorf("%s's GetConnectedAgentsByAgentIDs lists agent %d's connections as %v, want %v", n.name, a.id, got[a.id], want)
+			}
+		}
+	}
 	for _, n := range nodes {
 		for _, a := range agents {
 			if err := listNamespaces(t, w.env, n, creds[a.id]); err != nil {
