@@ -205,6 +205,27 @@ func TestReceptiveAgents(t *testing.T) {
 		waitLog(t, w.logs, `"msg":"Connect to receptive agent"`, "agentk at grpcs://", "refused kas (HTTP 401)", `"hint":"check that agentk's --receptive-jwt-public-key-file`)
 	})
 
+	t.Run("off: kas dials nobody", func(t *testing.T) {
+		t.Parallel()
+		e := newWorld(t)
+		keys := newJWTKeys(t)
+		s := receptiveSetup{serverCA: serverCA, jwt: &keys}
+		opts := e.receptiveAgentOptions(t, asAgent, s, nil, e.kubeServer.URL)
+		sc := newScenario()
+		sc.setReceptive(asAgent.id, s.entry(opts.Receptive.Listener.Addr().String(), "", ""))
+		sc.write(t, filepath.Dir(e.scenarioFile))
+		n := runAgent(t, opts)
+		cfg := kasConfig(t)
+		cfg.Standalone.File = e.scenarioFile
+		cfg.Agent.Receptive.PollPeriod = config.Duration(receptivePoll) // enabled: false, the default
+		e.kas = startKAS(t, cfg, e.log.With("component", "kas"))
+		waitLog(t, e.logs, "The standalone file lists receptive agents, but agent.receptive.enabled is false")
+		time.Sleep(5 * receptivePoll)
+		if n.agent.IsConnected() || strings.Contains(e.logs.String(), "kas connected (receptive mode)") {
+			t.Error("kas dialled a receptive agent although agent.receptive.enabled is false")
+		}
+	})
+
 	t.Run("standalone list changes", func(t *testing.T) {
 		t.Parallel()
 		w := newReceptiveWorld(t, nil)
