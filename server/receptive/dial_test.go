@@ -178,7 +178,9 @@ func (f sourceFunc) GetReceptiveAgents(ctx context.Context) ([]gitlab.ReceptiveA
 
 type nopServer struct{}
 
-func (nopServer) Serve(context.Context, *slog.Logger, tunnel.Conn) error { return nil }
+func (nopServer) ServeReceptive(context.Context, *slog.Logger, tunnel.ReceptiveConn) error {
+	return nil
+}
 
 func TestDialAndIdentify(t *testing.T) {
 	pub, priv, _ := ed25519.GenerateKey(rand.Reader)

@@ -46,7 +46,7 @@ type Source interface {
 
 // Server serves a connection kas made as a tunnel: *tunnel.Endpoint.
 type Server interface {
-	Serve(ctx context.Context, log *slog.Logger, c tunnel.Conn) error
+	ServeReceptive(ctx context.Context, log *slog.Logger, c tunnel.ReceptiveConn) error
 }
 
 // Defaults for the zero values of Options.
@@ -519,7 +519,7 @@ func (c *connector) connectAndServe(ctx context.Context) error {
 		m.metrics.connected.Dec()
 	}()
 	// The tunnel adds agent_id to its logs itself.
-	return m.server.Serve(ctx, m.log.With("url", s.rawURL), tunnel.Conn{WS: hs.ws, Agent: *info, Description: hs.answer})
+	return m.server.ServeReceptive(ctx, m.log.With("url", s.rawURL), tunnel.ReceptiveConn{WS: hs.ws, Agent: *info, Description: hs.answer})
 }
 
 // metrics are the receptive agents' Prometheus metrics.

@@ -28,7 +28,7 @@ type recordingServer struct {
 	causes []error
 }
 
-func (s *recordingServer) Serve(ctx context.Context, _ *slog.Logger, c tunnel.Conn) error {
+func (s *recordingServer) ServeReceptive(ctx context.Context, _ *slog.Logger, c tunnel.ReceptiveConn) error {
 	s.mu.Lock()
 	if s.live == nil {
 		s.live = map[int64]int{}

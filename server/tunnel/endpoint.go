@@ -183,9 +183,9 @@ func (e *Endpoint) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	_ = e.serveTunnel(context.Background(), log, ws, info, r.Header, false)
 }
 
-// Conn is an agent connection kas opened itself (a receptive agent): the
+// ReceptiveConn is an agent connection kas opened itself (a receptive agent): the
 // WebSocket after the handshake, and what kas knows about the agent.
-type Conn struct {
+type ReceptiveConn struct {
 	WS *websocket.Conn
 	// Agent identifies the agent: from its list of receptive agents and
 	// GitLab (or the standalone file).
@@ -195,16 +195,16 @@ type Conn struct {
 	Description http.Header
 }
 
-// ErrClosing is returned by Serve once the endpoint is shutting down.
+// ErrClosing is returned by ServeReceptive once the endpoint is shutting down.
 var ErrClosing = errors.New("kas is shutting down")
 
-// Serve runs a connection kas made to a receptive agent as a tunnel, exactly
+// ServeReceptive runs a connection kas made to a receptive agent as a tunnel, exactly
 // like one an agent made: registered, configured (OnConnect), pinged, closed
 // at max_connection_age and drained on shutdown. It returns when the tunnel
 // has closed: because the agent went away (an error), because ctx was
 // cancelled or the tunnel reached its maximum age (closed gracefully, nil),
 // or because the endpoint is shutting down (ErrClosing, before serving).
-func (e *Endpoint) Serve(ctx context.Context, log *slog.Logger, c Conn) error {
+func (e *Endpoint) ServeReceptive(ctx context.Context, log *slog.Logger, c ReceptiveConn) error {
 	e.mu.Lock()
 	closing := e.closing
 	if !closing {

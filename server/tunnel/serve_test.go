@@ -52,7 +52,7 @@ func TestServeReceptiveConnection(t *testing.T) {
 	ctx, cancel := context.WithCancelCause(context.Background())
 	served := make(chan error, 1)
 	go func() {
-		served <- f.endpoint.Serve(ctx, slog.New(slog.DiscardHandler), Conn{
+		served <- f.endpoint.ServeReceptive(ctx, slog.New(slog.DiscardHandler), ReceptiveConn{
 			WS: ws, Agent: gitlab.AgentInfo{AgentID: 9, ProjectID: 100}, Description: resp.Header,
 		})
 	}()
@@ -77,10 +77,10 @@ func TestServeReceptiveConnection(t *testing.T) {
 	select {
 	case err := <-served:
 		if err != nil {
-			t.Errorf("Serve = %v, want nil after a graceful close", err)
+			t.Errorf("ServeReceptive = %v, want nil after a graceful close", err)
 		}
 	case <-time.After(10 * time.Second):
-		t.Fatal("Serve did not return after its context was cancelled")
+		t.Fatal("ServeReceptive did not return after its context was cancelled")
 	}
 	f.waitGone(t, 9)
 	if len(disconnected) != 1 {
@@ -95,7 +95,7 @@ func TestServeReceptiveConnection(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := f.endpoint.Serve(context.Background(), slog.New(slog.DiscardHandler), Conn{WS: ws2, Agent: gitlab.AgentInfo{AgentID: 9}, Description: resp2.Header}); !errors.Is(err, ErrClosing) {
-		t.Errorf("Serve after Shutdown = %v, want ErrClosing", err)
+	if err := f.endpoint.ServeReceptive(context.Background(), slog.New(slog.DiscardHandler), ReceptiveConn{WS: ws2, Agent: gitlab.AgentInfo{AgentID: 9}, Description: resp2.Header}); !errors.Is(err, ErrClosing) {
+		t.Errorf("ServeReceptive after Shutdown = %v, want ErrClosing", err)
 	}
 }
