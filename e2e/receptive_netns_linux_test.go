@@ -208,21 +208,7 @@ func TestReceptiveAgentCannotDialOut(t *testing.T) {
 	}, func() string { return "kas does not list the four agents' receptive tunnels" })
 	t.Logf("listed in the standalone file → all four agents connected: %s", time.Since(listed).Round(time.Millisecond))
 
-	for _, tc := range []struct {
-		name, namespace string
-		cred            credential
-		want            string
-	}{
-		{"agent, for a user", "as-agent-user", pat(asAgent.id, alicePAT), ""},
-		{"agent, for a CI job", "as-agent-job", ciJob(asAgent.id, jobToken), ""},
-		{"impersonate", "impersonate", ciJob(asImpersonate.id, jobToken), deployer.Username},
-		{"ci_job (mTLS)", "ci-job", ciJob(asCIJob.id, jobToken), fmt.Sprintf("gitlab:ci_job:%d", jobID)},
-		{"user", "user", pat(asUser.id, alicePAT), "gitlab:user:alice"},
-	} {
-		if got := impersonatedUser(t, e, tc.namespace, tc.cred); got != tc.want {
-			t.Errorf("%s: the cluster saw Impersonate-User %q, want %q", tc.name, got, tc.want)
-		}
-	}
+	checkEveryIdentity(t, e)
 	// No JWT ever reaches a log.
 	for _, p := range append(agentks, kas) {
 		if strings.Contains(p.logs(), "eyJ") {

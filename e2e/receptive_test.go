@@ -84,6 +84,27 @@ func impersonatedUser(t *testing.T, e *env, namespace string, cred credential) s
 	return got.Header.Get("Impersonate-User")
 }
 
+// checkEveryIdentity lists pods through e's kas with every kind of identity,
+// through the scenario's four agents, and checks whom the cluster saw.
+func checkEveryIdentity(t *testing.T, e *env) {
+	t.Helper()
+	for _, tc := range []struct {
+		name, namespace string
+		cred            credential
+		want            string
+	}{
+		{"agent, for a user", "as-agent-user", pat(asAgent.id, alicePAT), ""},
+		{"agent, for a CI job", "as-agent-job", ciJob(asAgent.id, jobToken), ""},
+		{"impersonate", "impersonate", ciJob(asImpersonate.id, jobToken), deployer.Username},
+		{"ci_job", "ci-job", ciJob(asCIJob.id, jobToken), fmt.Sprintf("gitlab:ci_job:%d", jobID)},
+		{"user", "user", pat(asUser.id, alicePAT), "gitlab:user:alice"},
+	} {
+		if got := impersonatedUser(t, e, tc.namespace, tc.cred); got != tc.want {
+			t.Errorf("%s: the cluster saw Impersonate-User %q, want %q", tc.name, got, tc.want)
+		}
+	}
+}
+
 // TestReceptiveAgents runs receptive agentk in-process on 127.0.0.1: kas
 // dials them, authenticates with a JWT or a client certificate, and then
 // serves the proxy through them like through any agent.
@@ -114,21 +135,7 @@ func TestReceptiveAgents(t *testing.T) {
 		for _, a := range []testAgent{asAgent, asImpersonate, asCIJob, asUser} {
 			waitTunnels(t, w.kas.observability, a.id, 1)
 		}
-		for _, tc := range []struct {
-			name, namespace string
-			cred            credential
-			want            string
-		}{
-			{"agent, for a user (JWT)", "as-agent-user", pat(asAgent.id, alicePAT), ""},
-			{"agent, for a CI job (JWT)", "as-agent-job", ciJob(asAgent.id, jobToken), ""},
-			{"impersonate (mTLS)", "impersonate", ciJob(asImpersonate.id, jobToken), deployer.Username},
-			{"ci_job (JWT)", "ci-job", ciJob(asCIJob.id, jobToken), fmt.Sprintf("gitlab:ci_job:%d", jobID)},
-			{"user (mTLS)", "user", pat(asUser.id, alicePAT), "gitlab:user:alice"},
-		} {
-			if got := impersonatedUser(t, w.env, tc.namespace, tc.cred); got != tc.want {
-				t.Errorf("%s: the cluster saw Impersonate-User %q, want %q", tc.name, got, tc.want)
-			}
-		}
+		checkEveryIdentity(t, w.env)
 		// Marked as receptive, with the agent's project from the file.
 		st, err := fetchStatus(w.kas.observability)
 		if err != nil {
