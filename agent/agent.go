@@ -1,7 +1,9 @@
 // Package agent is agentk: it dials kas over WebSocket, keeps that reverse
 // tunnel open, and serves the HTTP/2 requests kas sends through it by
 // forwarding them to the cluster's Kubernetes API server with the agent's own
-// credentials and the identity kas asks it to impersonate.
+// credentials and the identity kas asks it to impersonate. In receptive mode
+// it also (or instead) listens, and kas dials it: the same tunnel with the
+// dial turned around.
 package agent
 
 import (
@@ -13,12 +15,14 @@ import (
 	"net/http/httputil"
 	"net/url"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/gorilla/websocket"
 	"github.com/prometheus/client_golang/prometheus"
 	"k8s.io/client-go/rest"
 
+	"github.com/kasproject/kas/internal/backoff"
 	"github.com/kasproject/kas/protocol"
 )
 
@@ -29,13 +33,19 @@ const (
 	DefaultShutdownGrace = 15 * time.Second
 )
 
-// Options configures an Agent. KASAddress, Token and RESTConfig are required.
+// Options configures an Agent. RESTConfig is required, and KASAddress (with
+// Token), Receptive, or both.
 type Options struct {
 	// KASAddress is kas's agent endpoint, ws:// or wss://. An empty path or
-	// "/" means protocol.AgentPath.
+	// "/" means protocol.AgentPath. Empty: the agent does not dial kas.
 	KASAddress string
-	// Token is the agent token kas authenticates the agent with.
+	// Token is the agent token kas authenticates the agent with; required
+	// with KASAddress. In receptive mode it is optional: the agent hands it
+	// to kas once kas has authenticated itself, so kas can learn the
+	// agent's project from GitLab.
 	Token string
+	// Receptive, if set, makes the agent accept kas's connections too.
+	Receptive *ReceptiveOptions
 	// RESTConfig reaches the cluster's API server with the agent's own
 	// credentials (in-cluster service account or a kubeconfig).
 	RESTConfig *rest.Config
@@ -63,10 +73,13 @@ type Options struct {
 	ShutdownGrace time.Duration
 }
 
-// Agent keeps one tunnel to kas at a time and serves the requests kas sends
-// through it. Create it with New and start it with Run.
+// Agent keeps one tunnel to kas at a time when it dials kas, accepts any
+// number of kas's connections in receptive mode, and serves the requests kas
+// sends through each. Create it with New and start it with Run.
 type Agent struct {
-	kasURL        string
+	kasURL        string            // "" when the agent does not dial kas
+	receptive     *ReceptiveOptions // nil unless receptive
+	token         string
 	handshake     http.Header // without the Kubernetes version, learnt in Run
 	dialer        *websocket.Dialer
 	logger        *slog.Logger
@@ -85,22 +98,33 @@ type Agent struct {
 	requestBodies    protocol.BulkBodies // large request bodies read from the tunnel in large chunks
 	handlersRunning  handlerTracker
 
+	// receptiveServing is true while the receptive listener accepts kas.
+	receptiveServing atomic.Bool
+
 	mu        sync.Mutex
 	started   bool
-	connected chan struct{} // closed while a tunnel is up; replaced when it goes down
-	isUp      bool
-	config    []byte // the last configuration kas pushed
+	connected chan struct{} // closed while a tunnel is up; replaced when the last goes down
+	tunnels   int           // tunnels up: the dialled one and kas's receptive connections
+	config    []byte        // the last configuration kas pushed
 }
 
 // New checks opts and prepares an Agent; it does not connect.
 func New(opts Options) (*Agent, error) {
 	var errs []error
-	kasURL, err := kasEndpoint(opts.KASAddress)
-	if err != nil {
-		errs = append(errs, err)
+	var kasURL string
+	var err error
+	if opts.KASAddress != "" || opts.Receptive == nil {
+		if kasURL, err = kasEndpoint(opts.KASAddress); err != nil {
+			errs = append(errs, err)
+		}
+		if opts.Token == "" {
+			errs = append(errs, errors.New("agent token is empty: pass the token GitLab showed when the agent was registered"))
+		}
 	}
-	if opts.Token == "" {
-		errs = append(errs, errors.New("agent token is empty: pass the token GitLab showed when the agent was registered"))
+	if opts.Receptive != nil {
+		if err := opts.Receptive.check(); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	if opts.RESTConfig == nil {
 		errs = append(errs, errors.New("no Kubernetes client configuration: run in a cluster or pass a kubeconfig"))
@@ -114,6 +138,8 @@ func New(opts Options) (*Agent, error) {
 
 	a := &Agent{
 		kasURL:        kasURL,
+		receptive:     opts.Receptive,
+		token:         opts.Token,
 		handshake:     handshakeHeader(opts),
 		dialer:        newDialer(opts.TLS),
 		logger:        opts.Logger,
@@ -148,10 +174,12 @@ func orDefault(v, def time.Duration) time.Duration {
 }
 
 // Run connects to kas and serves the tunnel, reconnecting with jittered
-// exponential backoff whenever it drops, until ctx is cancelled. Then it sends
-// GOAWAY, lets in-flight requests finish for the shutdown grace period, closes
-// the tunnel and returns nil once every request handler has returned. An
-// Agent runs once; a second Run returns an error.
+// exponential backoff whenever it drops, and in receptive mode serves kas's
+// connections on the listener, until ctx is cancelled. Then it stops
+// accepting, sends GOAWAY on every tunnel, lets in-flight requests finish
+// for the shutdown grace period, closes the tunnels and returns nil once
+// every request handler has returned. An Agent runs once; a second Run
+// returns an error.
 func (a *Agent) Run(ctx context.Context) error {
 	a.mu.Lock()
 	if a.started {
@@ -165,13 +193,36 @@ func (a *Agent) Run(ctx context.Context) error {
 	if v := a.kubernetesVersion(ctx); v != "" {
 		header.Set(protocol.HeaderKubernetesVersion, v)
 	}
-	a.logger.Info("agentk starting", "kas_url", a.kasURL, "api_server", a.apiServer.Redacted())
+	attrs := []any{"api_server", a.apiServer.Redacted()}
+	if a.kasURL != "" {
+		attrs = append(attrs, "kas_url", a.kasURL)
+	}
+	if a.receptive != nil {
+		attrs = append(attrs, "receptive_address", a.receptive.Listener.Addr().String())
+	}
+	a.logger.Info("agentk starting", attrs...)
 
-	b := backoff{min: a.minBackoff, max: a.maxBackoff}
+	var modes sync.WaitGroup
+	if a.receptive != nil {
+		modes.Go(func() { a.serveReceptive(ctx, header) })
+	}
+	if a.kasURL != "" {
+		modes.Go(func() { a.dialLoop(ctx, header) })
+	}
+	modes.Wait()
+	a.handlersRunning.closeAndWait()
+	a.logger.Info("agentk stopped")
+	return nil
+}
+
+// dialLoop connects to kas and serves the tunnel, reconnecting with backoff,
+// until ctx is cancelled.
+func (a *Agent) dialLoop(ctx context.Context, header http.Header) {
+	b := backoff.Backoff{Min: a.minBackoff, Max: a.maxBackoff}
 	for ctx.Err() == nil {
 		delay := a.connectAndServe(ctx, header, &b)
 		if ctx.Err() != nil {
-			break
+			return
 		}
 		a.logger.Info("reconnecting to kas", "kas_url", a.kasURL, "delay", delay.String())
 		t := time.NewTimer(delay)
@@ -181,9 +232,6 @@ func (a *Agent) Run(ctx context.Context) error {
 		case <-t.C:
 		}
 	}
-	a.handlersRunning.closeAndWait()
-	a.logger.Info("agentk stopped")
-	return nil
 }
 
 // Connected returns a channel that is closed once a tunnel to kas is up. While
@@ -199,21 +247,28 @@ func (a *Agent) Connected() <-chan struct{} {
 func (a *Agent) IsConnected() bool {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	return a.isUp
+	return a.tunnels > 0
 }
 
-func (a *Agent) setConnected(up bool) {
+// Tunnels is the number of tunnels to kas that are up: the one the agent
+// dialled and, in receptive mode, every connection kas made.
+func (a *Agent) Tunnels() int {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	if up == a.isUp {
-		return
-	}
-	a.isUp = up
-	if up {
+	return a.tunnels
+}
+
+// tunnelUp records a tunnel coming up (+1) or going down (-1).
+func (a *Agent) tunnelUp(delta int) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	was := a.tunnels > 0
+	a.tunnels += delta
+	a.metrics.connected.Set(float64(a.tunnels))
+	switch is := a.tunnels > 0; {
+	case is && !was:
 		close(a.connected)
-		a.metrics.connected.Set(1)
-	} else {
+	case !is && was:
 		a.connected = make(chan struct{})
-		a.metrics.connected.Set(0)
 	}
 }

@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"math/rand/v2"
 	"net/http"
 	"net/url"
 	"strings"
@@ -15,6 +14,7 @@ import (
 
 	"github.com/gorilla/websocket"
 
+	"github.com/kasproject/kas/internal/backoff"
 	"github.com/kasproject/kas/protocol"
 )
 
@@ -97,7 +97,7 @@ func newDialer(tlsConfig *tls.Config) *websocket.Dialer {
 
 // connectAndServe makes one connection attempt and, when it succeeds, serves
 // the tunnel until it ends. It returns how long to wait before the next one.
-func (a *Agent) connectAndServe(ctx context.Context, header http.Header, b *backoff) time.Duration {
+func (a *Agent) connectAndServe(ctx context.Context, header http.Header, b *backoff.Backoff) time.Duration {
 	a.metrics.attempts.Inc()
 	ws, resp, err := a.dialer.DialContext(ctx, a.kasURL, header)
 	if err != nil {
@@ -111,7 +111,7 @@ func (a *Agent) connectAndServe(ctx context.Context, header http.Header, b *back
 		a.metrics.failures.WithLabelValues(failureProtocol).Inc()
 		a.logger.Error("kas did not accept the tunnel protocol; run an agentk that matches kas's version",
 			"kas_url", a.kasURL, "offered", protocol.Subprotocol, "accepted", got)
-		return b.next()
+		return b.Next()
 	}
 
 	a.logger.Info("connected to kas", "kas_url", a.kasURL)
@@ -119,20 +119,20 @@ func (a *Agent) connectAndServe(ctx context.Context, header http.Header, b *back
 	err = a.serveTunnel(ctx, ws)
 	lived := time.Since(start)
 	if lived >= stableConnection {
-		b.reset()
+		b.Reset()
 	}
 	attrs := []any{"kas_url", a.kasURL, "duration", lived.Round(time.Millisecond).String()}
 	if err != nil {
 		attrs = append(attrs, "error", err.Error())
 	}
 	a.logger.Info("tunnel to kas closed", attrs...)
-	return b.next()
+	return b.Next()
 }
 
 // handshakeFailed logs why kas could not be reached or refused the agent and
 // picks the delay: a rejected token waits the longest, since retrying sooner
 // cannot help until someone fixes it.
-func (a *Agent) handshakeFailed(resp *http.Response, err error, b *backoff) time.Duration {
+func (a *Agent) handshakeFailed(resp *http.Response, err error, b *backoff.Backoff) time.Duration {
 	if resp == nil {
 		a.metrics.failures.WithLabelValues(failureDial).Inc()
 		attrs := []any{"kas_url", a.kasURL, "error", err.Error()}
@@ -141,7 +141,7 @@ func (a *Agent) handshakeFailed(resp *http.Response, err error, b *backoff) time
 			attrs = append(attrs, "hint", "kas's certificate is signed by an unknown authority: pass its CA with --ca-cert-file")
 		}
 		a.logger.Warn("connect to kas failed", attrs...)
-		return b.next()
+		return b.Next()
 	}
 	reason := responseReason(resp)
 	switch resp.StatusCode {
@@ -149,12 +149,12 @@ func (a *Agent) handshakeFailed(resp *http.Response, err error, b *backoff) time
 		a.metrics.failures.WithLabelValues(failureUnauthorized).Inc()
 		a.logger.Error("kas rejected the agent token: check that the token file holds the agent's current token from GitLab",
 			"kas_url", a.kasURL, "status", resp.StatusCode, "reason", reason)
-		return b.longest()
+		return b.Longest()
 	default:
 		a.metrics.failures.WithLabelValues(failureRefused).Inc()
 		a.logger.Warn("kas refused the tunnel handshake",
 			"kas_url", a.kasURL, "status", resp.StatusCode, "reason", reason)
-		return b.next()
+		return b.Next()
 	}
 }
 
@@ -173,28 +173,3 @@ const (
 	failureRefused      = "refused"
 	failureProtocol     = "protocol"
 )
-
-// backoff is exponential backoff with full jitter: the n-th delay is uniform
-// in [0, min·2ⁿ), capped at max, so many agents reconnecting after a kas
-// restart spread out instead of arriving together.
-type backoff struct {
-	min, max time.Duration
-	attempt  int
-}
-
-func (b *backoff) next() time.Duration {
-	ceiling := b.max
-	if d := b.min << b.attempt; b.attempt < 62 && d > 0 && d < b.max {
-		ceiling = d
-		b.attempt++
-	}
-	return rand.N(ceiling) + 1
-}
-
-// longest waits between half and all of the maximum delay.
-func (b *backoff) longest() time.Duration {
-	half := b.max / 2
-	return half + rand.N(b.max-half) + 1
-}
-
-func (b *backoff) reset() { b.attempt = 0 }

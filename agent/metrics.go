@@ -10,12 +10,15 @@ import (
 )
 
 type metrics struct {
-	connected     prometheus.Gauge
-	attempts      prometheus.Counter
-	failures      *prometheus.CounterVec
-	requests      *prometheus.CounterVec
-	bytesReceived prometheus.Counter
-	bytesSent     prometheus.Counter
+	connected prometheus.Gauge
+	attempts  prometheus.Counter
+	failures  *prometheus.CounterVec
+	requests  *prometheus.CounterVec
+	// kas's connections in receptive mode, by result.
+	receptiveAccepted prometheus.Counter
+	receptiveRefused  prometheus.Counter
+	bytesReceived     prometheus.Counter
+	bytesSent         prometheus.Counter
 }
 
 // newMetrics creates the agent's metrics and registers them with reg, if any.
@@ -24,10 +27,14 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		Name: "agentk_tunnel_bytes_total",
 		Help: "Bytes carried by the tunnel to kas, by direction as seen from the agent.",
 	}, []string{"direction"})
+	receptive := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "agentk_receptive_connections_total",
+		Help: "Connections kas opened to this agent in receptive mode, by result: accepted, or refused (kas did not authenticate).",
+	}, []string{"result"})
 	m := &metrics{
 		connected: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "agentk_tunnel_connected",
-			Help: "1 while a tunnel to kas is up, else 0.",
+			Help: "Tunnels to kas that are up: 1 while the dialled tunnel is up, plus kas's connections in receptive mode.",
 		}),
 		attempts: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "agentk_tunnel_connection_attempts_total",
@@ -41,8 +48,10 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "agentk_requests_total",
 			Help: "Requests served through the tunnel, by status code (101 for upgrades).",
 		}, []string{"code"}),
-		bytesReceived: bytes.WithLabelValues("received"),
-		bytesSent:     bytes.WithLabelValues("sent"),
+		receptiveAccepted: receptive.WithLabelValues("accepted"),
+		receptiveRefused:  receptive.WithLabelValues("refused"),
+		bytesReceived:     bytes.WithLabelValues("received"),
+		bytesSent:         bytes.WithLabelValues("sent"),
 	}
 	for _, reason := range []string{failureDial, failureUnauthorized, failureRefused, failureProtocol} {
 		m.failures.WithLabelValues(reason)
@@ -51,7 +60,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		return m, nil
 	}
 	var errs []error
-	for _, c := range []prometheus.Collector{m.connected, m.attempts, m.failures, m.requests, bytes} {
+	for _, c := range []prometheus.Collector{m.connected, m.attempts, m.failures, m.requests, receptive, bytes} {
 		errs = append(errs, reg.Register(c))
 	}
 	if err := errors.Join(errs...); err != nil {
@@ -61,7 +70,10 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 }
 
 // ObservabilityHandler serves /metrics from gatherer, /liveness (200 while
-// the process runs) and /readiness (200 while a tunnel to kas is up, else 503).
+// the process runs) and /readiness: 200 while a tunnel to kas is up or, in
+// receptive mode, while agentk accepts kas's connections (a Kubernetes
+// Service must send kas to a receptive agentk before any tunnel exists), else
+// 503.
 func (a *Agent) ObservabilityHandler(gatherer prometheus.Gatherer) http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(gatherer, promhttp.HandlerOpts{}))
@@ -71,12 +83,15 @@ func (a *Agent) ObservabilityHandler(gatherer prometheus.Gatherer) http.Handler 
 	})
 	mux.HandleFunc("GET /readiness", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-		if !a.IsConnected() {
+		switch {
+		case a.IsConnected():
+			_, _ = w.Write([]byte("ok\n"))
+		case a.receptiveServing.Load():
+			_, _ = w.Write([]byte("ok: accepting kas's connections (receptive mode), no tunnel yet\n"))
+		default:
 			w.WriteHeader(http.StatusServiceUnavailable)
 			_, _ = w.Write([]byte("no tunnel to kas\n"))
-			return
 		}
-		_, _ = w.Write([]byte("ok\n"))
 	})
 	return mux
 }

@@ -68,8 +68,8 @@ func (a *Agent) serveTunnel(ctx context.Context, ws *websocket.Conn) error {
 		defer close(served)
 		h2.ServeConn(conn, &http2.ServeConnOpts{Context: baseCtx, BaseConfig: hs, Handler: a})
 	}()
-	a.setConnected(true)
-	defer a.setConnected(false)
+	a.tunnelUp(+1)
+	defer a.tunnelUp(-1)
 
 	select {
 	case <-served:

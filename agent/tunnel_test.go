@@ -286,29 +286,6 @@ func TestKASEndpoint(t *testing.T) {
 	}
 }
 
-func TestBackoff(t *testing.T) {
-	b := backoff{min: 10 * time.Millisecond, max: 80 * time.Millisecond}
-	for i, ceiling := range []time.Duration{10, 20, 40, 80, 80, 80} {
-		ceiling *= time.Millisecond
-		for range 100 {
-			probe := b
-			if d := probe.next(); d <= 0 || d > ceiling {
-				t.Fatalf("delay %d = %v, want in (0, %v]", i, d, ceiling)
-			}
-		}
-		b.next()
-	}
-	for range 100 {
-		if d := b.longest(); d < 40*time.Millisecond || d > 80*time.Millisecond {
-			t.Fatalf("longest() = %v, want in [40ms, 80ms]", d)
-		}
-	}
-	b.reset()
-	if d := b.next(); d > 10*time.Millisecond {
-		t.Errorf("after reset delay = %v, want at most 10ms", d)
-	}
-}
-
 // eventually waits for cond, polling, and fails the test after testTimeout.
 func eventually(t *testing.T, cond func() bool) {
 	t.Helper()

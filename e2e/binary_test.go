@@ -31,9 +31,10 @@ func buildKAS(t *testing.T) string {
 	return bin
 }
 
-// kasProcess is the kas binary running as a child process.
+// kasProcess is the kas binary (or agentk) running as a child process.
 type kasProcess struct {
 	cmd    *exec.Cmd
+	what   string        // names it in messages
 	exited chan struct{} // closed when the process has exited; then err is set
 	err    error
 
@@ -47,16 +48,25 @@ type kasProcess struct {
 // The process is killed if it still runs when the test ends.
 func startKASProcess(t *testing.T, bin, configFile string, env ...string) *kasProcess {
 	t.Helper()
-	p := &kasProcess{cmd: exec.Command(bin, "--configuration-file", configFile), exited: make(chan struct{})}
+	cmd := exec.Command(bin, "--configuration-file", configFile)
 	if len(env) > 0 {
-		p.cmd.Env = append(os.Environ(), env...)
+		cmd.Env = append(os.Environ(), env...)
 	}
+	return startLogged(t, cmd, "kas with "+configFile, "kas is ready")
+}
+
+// startLogged runs cmd, which logs JSON lines on stderr, and waits until
+// it logs ready. It is killed if it still runs when the test ends, and its
+// logs must hold no credential.
+func startLogged(t *testing.T, cmd *exec.Cmd, what, ready string) *kasProcess {
+	t.Helper()
+	p := &kasProcess{cmd: cmd, what: what, exited: make(chan struct{})}
 	stderr, err := p.cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)
 	}
 	if err := p.cmd.Start(); err != nil {
-		t.Fatalf("start kas: %v", err)
+		t.Fatalf("start %s: %v", what, err)
 	}
 	go func() {
 		p.read(stderr)
@@ -68,14 +78,14 @@ func startKASProcess(t *testing.T, bin, configFile string, env ...string) *kasPr
 		<-p.exited
 		for _, s := range secrets {
 			if strings.Contains(p.logs(), s) {
-				t.Errorf("a credential (%.12s…) appears in kas's logs", s)
+				t.Errorf("a credential (%.12s…) appears in the logs of %s", s, what)
 			}
 		}
 		if t.Failed() {
-			t.Logf("logs of kas with %s:\n%s", configFile, p.logs())
+			t.Logf("logs of %s:\n%s", what, p.logs())
 		}
 	})
-	p.waitLog(t, "kas is ready")
+	p.waitLog(t, ready)
 	return p
 }
 
@@ -116,11 +126,11 @@ func (p *kasProcess) waitLog(t *testing.T, msg string, fields ...string) map[str
 		}
 		select {
 		case <-p.exited:
-			t.Fatalf("kas exited (%v) without logging %q", p.err, msg)
+			t.Fatalf("%s exited (%v) without logging %q", p.what, p.err, msg)
 		default:
 		}
 		return false
-	}, func() string { return fmt.Sprintf("kas did not log %q %v", msg, fields) })
+	}, func() string { return fmt.Sprintf("%s did not log %q %v", p.what, msg, fields) })
 	return found
 }
 
@@ -168,7 +178,7 @@ func (p *kasProcess) address(t *testing.T, listener string) string {
 	t.Helper()
 	addr, _ := p.waitLog(t, "Listening", "listener", listener)["address"].(string)
 	if addr == "" {
-		t.Fatalf("kas logged no address for %s", listener)
+		t.Fatalf("%s logged no address for %s", p.what, listener)
 	}
 	return addr
 }

@@ -2,19 +2,11 @@ package e2e
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/json"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
-	"math/big"
 	"net/http"
-	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -85,6 +77,8 @@ type clusterOptions struct {
 	// (redis.cluster, redis.sentinel) instead of a redis-server of their own.
 	redisCluster *redistest.Cluster
 	sentinel     *redistest.Sentinel
+	// receptive, if set, is the agent.receptive section.
+	receptive map[string]any
 }
 
 // newCluster starts a redis-server for nodes built from bin with opts; the
@@ -146,6 +140,9 @@ func (c *cluster) startNode(t *testing.T, name string, o nodeOptions) *node {
 	}
 	if c.opts.agentWaitTimeout != 0 {
 		agentSection["kubernetes_api"] = map[string]any{"agent_wait_timeout": c.opts.agentWaitTimeout.String()}
+	}
+	if c.opts.receptive != nil {
+		agentSection["receptive"] = c.opts.receptive
 	}
 	api := loopback()
 	api["authentication_secret_file"] = c.opts.apiSecretFile
@@ -513,66 +510,10 @@ type certificate struct {
 }
 
 // issueCertificate makes a CA and a server certificate from it for the
-// DNS names (no IP addresses), written to dir.
-func issueCertificate(t *testing.T, dir string, names ...string) *certificate {
+// DNS names (no IP addresses).
+func issueCertificate(t *testing.T, names ...string) *certificate {
 	t.Helper()
-	newKey := func() *ecdsa.PrivateKey {
-		key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return key
-	}
-	now := time.Now()
-	caKey := newKey()
-	caTemplate := &x509.Certificate{
-		SerialNumber:          big.NewInt(1),
-		Subject:               pkix.Name{CommonName: "e2e private API CA"},
-		NotBefore:             now.Add(-time.Hour),
-		NotAfter:              now.Add(time.Hour),
-		IsCA:                  true,
-		BasicConstraintsValid: true,
-		KeyUsage:              x509.KeyUsageCertSign,
-	}
-	caDER, err := x509.CreateCertificate(rand.Reader, caTemplate, caTemplate, &caKey.PublicKey, caKey)
-	if err != nil {
-		t.Fatalf("create CA certificate: %v", err)
-	}
-	ca, err := x509.ParseCertificate(caDER)
-	if err != nil {
-		t.Fatal(err)
-	}
-	key := newKey()
-	leaf := &x509.Certificate{
-		SerialNumber: big.NewInt(2),
-		Subject:      pkix.Name{CommonName: names[0]},
-		DNSNames:     names,
-		NotBefore:    now.Add(-time.Hour),
-		NotAfter:     now.Add(time.Hour),
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-	}
-	leafDER, err := x509.CreateCertificate(rand.Reader, leaf, ca, &key.PublicKey, caKey)
-	if err != nil {
-		t.Fatalf("create server certificate: %v", err)
-	}
-	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c := &certificate{
-		certFile: filepath.Join(dir, "private-api.crt"),
-		keyFile:  filepath.Join(dir, "private-api.key"),
-		caFile:   filepath.Join(dir, "ca.crt"),
-	}
-	for file, block := range map[string]*pem.Block{
-		c.certFile: {Type: "CERTIFICATE", Bytes: leafDER},
-		c.keyFile:  {Type: "PRIVATE KEY", Bytes: keyDER},
-		c.caFile:   {Type: "CERTIFICATE", Bytes: caDER},
-	} {
-		if err := os.WriteFile(file, pem.EncodeToMemory(block), 0o600); err != nil {
-			t.Fatal(err)
-		}
-	}
-	return c
+	ca := newTestCA(t, "e2e private API CA")
+	certFile, keyFile := ca.issue(t, "private-api", false, names...)
+	return &certificate{certFile: certFile, keyFile: keyFile, caFile: ca.file}
 }

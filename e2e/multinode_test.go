@@ -319,41 +319,46 @@ func (w *threeNodes) privateAPIRefusesBadTokens(t *testing.T) {
 	}
 }
 
+// connectedAgents asks n's internal API, as GitLab Rails does
+// (GetConnectedAgentsByAgentIDs, JSON mirror), which of the agents are
+// connected, and returns their connections' pod names by agent ID.
+func connectedAgents(e *env, n *node, token string, agents ...testAgent) (map[int64][]string, error) {
+	var ids []string
+	for _, a := range agents {
+		ids = append(ids, fmt.Sprint(a.id))
+	}
+	req, err := http.NewRequest(http.MethodGet, "http://"+n.api+"/api/v1/connected_agents?agent_id="+strings.Join(ids, ","), nil)
+	if err != nil {
+		return nil, err
+	}
+	req.Header.Set("Authorization", "Bearer "+token)
+	resp, err := e.client.Do(req)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("%s: %s %s (%v)", n.name, resp.Status, body, err)
+	}
+	var answer gitlabpb.GetConnectedAgentsByAgentIDsResponse
+	if err := protojson.Unmarshal(body, &answer); err != nil {
+		return nil, fmt.Errorf("%s: decode %s: %w", n.name, body, err)
+	}
+	out := map[int64][]string{}
+	for _, a := range answer.GetAgents() {
+		out[a.GetAgentId()] = append(out[a.GetAgentId()], a.GetAgentMeta().GetPodName())
+	}
+	return out, nil
+}
+
 func (w *threeNodes) agentsTrackedAcrossNodes(t *testing.T) {
 	token, err := kasjwt.Sign(w.c.opts.apiSecret, "gitlab", kasjwt.AudienceKAS, time.Minute)
 	if err != nil {
 		t.Fatal(err)
 	}
-	// connected asks n's internal API, as GitLab Rails does, which of the
-	// agents are connected, and returns their pod names by agent ID.
 	connected := func(n *node, agents ...testAgent) (map[int64][]string, error) {
-		var ids []string
-		for _, a := range agents {
-			ids = append(ids, fmt.Sprint(a.id))
-		}
-		req, err := http.NewRequest(http.MethodGet, "http://"+n.api+"/api/v1/connected_agents?agent_id="+strings.Join(ids, ","), nil)
-		if err != nil {
-			return nil, err
-		}
-		req.Header.Set("Authorization", "Bearer "+token)
-		resp, err := w.e.client.Do(req)
-		if err != nil {
-			return nil, err
-		}
-		defer resp.Body.Close()
-		body, err := io.ReadAll(resp.Body)
-		if err != nil || resp.StatusCode != http.StatusOK {
-			return nil, fmt.Errorf("%s: %s %s (%v)", n.name, resp.Status, body, err)
-		}
-		var answer gitlabpb.GetConnectedAgentsByAgentIDsResponse
-		if err := protojson.Unmarshal(body, &answer); err != nil {
-			return nil, fmt.Errorf("%s: decode %s: %w", n.name, body, err)
-		}
-		out := map[int64][]string{}
-		for _, a := range answer.GetAgents() {
-			out[a.GetAgentId()] = append(out[a.GetAgentId()], a.GetAgentMeta().GetPodName())
-		}
-		return out, nil
+		return connectedAgents(w.e, n, token, agents...)
 	}
 	// waitListed waits until every node answers, asked about the agents,
 	// that exactly want are connected, once each.
@@ -502,7 +507,7 @@ func testGRPCS(t *testing.T, bin string) {
 	c := newCluster(t, bin, clusterOptions{standaloneFile: e.scenarioFile})
 	// The certificate names kas.internal only: not the 127.0.0.1 the
 	// nodes publish, so only the checked name can make it pass.
-	cert := issueCertificate(t, t.TempDir(), "kas.internal")
+	cert := issueCertificate(t, "kas.internal")
 	tlsNode := func(host string) nodeOptions {
 		return nodeOptions{env: []string{"OWN_PRIVATE_API_SCHEME=grpcs", "OWN_PRIVATE_API_HOST=" + host}, tls: cert}
 	}

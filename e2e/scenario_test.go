@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"testing"
@@ -103,10 +104,21 @@ type scenarioProject struct {
 }
 
 type scenarioAgent struct {
-	ID          int64  `yaml:"id"`
-	Name        string `yaml:"name"`
-	Project     string `yaml:"project"`
-	TokenSHA256 string `yaml:"token_sha256"`
+	ID          int64              `yaml:"id"`
+	Name        string             `yaml:"name"`
+	Project     string             `yaml:"project"`
+	TokenSHA256 string             `yaml:"token_sha256"`
+	Receptive   *scenarioReceptive `yaml:"receptive,omitempty"`
+}
+
+// scenarioReceptive makes an agent receptive: kas dials it.
+type scenarioReceptive struct {
+	URL                   string `yaml:"url"`
+	CACertificateFile     string `yaml:"ca_certificate_file,omitempty"`
+	TLSHost               string `yaml:"tls_host,omitempty"`
+	JWTPrivateKeyFile     string `yaml:"jwt_private_key_file,omitempty"`
+	ClientCertificateFile string `yaml:"client_certificate_file,omitempty"`
+	ClientKeyFile         string `yaml:"client_key_file,omitempty"`
 }
 
 type scenarioUser struct {
@@ -208,6 +220,17 @@ func newScenario() *scenario {
 func (s *scenario) addAgent(a testAgent, cfg agentyaml.Config) {
 	s.Agents = append(s.Agents, scenarioAgent{ID: a.id, Name: a.name, Project: "acme/infra", TokenSHA256: standalone.HashToken(a.token)})
 	s.configs[a.name] = cfg
+}
+
+// setReceptive makes the agent receptive with r, or not with nil.
+func (s *scenario) setReceptive(agentID int64, r *scenarioReceptive) {
+	for i := range s.Agents {
+		if s.Agents[i].ID == agentID {
+			s.Agents[i].Receptive = r
+			return
+		}
+	}
+	panic(fmt.Sprintf("no agent %d in the scenario", agentID))
 }
 
 // write writes the standalone file and the agents' configuration files

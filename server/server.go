@@ -72,6 +72,7 @@ type Server struct {
 	endpoint       *tunnel.Endpoint
 	// gitlabAgents serves GitLab's own agentk (gRPC), beside endpoint.
 	gitlabAgents *gitlabagent.Server
+	receptive    *receptiveAgents // nil unless agent.receptive.enabled
 	internal     *internalapi.Handler
 	// tokens re-validates connected agents' tokens (Run runs it).
 	tokens *tokencheck.Checker
@@ -185,6 +186,9 @@ func New(cfg *config.Config, opts Options) (_ *Server, err error) {
 		return nil, err
 	}
 	if err := s.buildGitLabAgents(); err != nil {
+		return nil, err
+	}
+	if err := s.buildReceptive(); err != nil {
 		return nil, err
 	}
 	proxy := k8sproxy.NewHandler(k8sproxy.Options{
@@ -542,6 +546,7 @@ func (s *Server) Run(ctx context.Context) error {
 			mode = "gitlab " + s.cfg.GitLab.Address
 		}
 		s.log.Info("kas is ready", "version", s.opts.Version, "mode", mode)
+		s.startReceptive()
 	}
 
 	var runErr error
@@ -569,6 +574,7 @@ func (s *Server) shutdown() {
 	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.Agent.Listen.ListenGracePeriod.D())
 	defer cancel()
 	var wg sync.WaitGroup
+	wg.Go(s.stopReceptive) // first, so kas dials no receptive agent while the tunnels close
 	for _, l := range s.listeners {
 		wg.Go(func() {
 			if err := l.shutdown(ctx); err != nil {
@@ -601,6 +607,7 @@ func (s *Server) shutdown() {
 // closeBuilt stops what New started when New fails half-way.
 func (s *Server) closeBuilt() {
 	s.closeListeners()
+	s.stopReceptive()
 	if s.configs != nil {
 		s.configs.Close()
 	}

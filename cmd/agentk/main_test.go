@@ -3,10 +3,14 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/ed25519"
+	"crypto/rand"
+	"encoding/base64"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -35,6 +39,13 @@ current-context: x
 	empty := write("empty", " \n")
 	notPEM := write("ca.pem", "not a certificate")
 	base := []string{"--kas-address", "ws://127.0.0.1:1", "--token-file", token, "--kubeconfig", kubeconfig, "--observability-listen", "127.0.0.1:0"}
+	pub, _, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	publicKey := write("jwt.pub", base64.StdEncoding.EncodeToString(pub)) // as GitLab shows it
+	receptive := []string{"--receptive-listen-address", "127.0.0.1:0", "--receptive-allow-plaintext",
+		"--receptive-jwt-public-key-file", publicKey, "--receptive-agent-id", "7", "--kubeconfig", kubeconfig, "--observability-listen", ""}
 
 	tests := []struct {
 		name       string
@@ -56,6 +67,32 @@ current-context: x
 		{name: "CA file without certificates", args: append(base, "--ca-cert-file", notPEM), wantCode: exitFailure, wantStderr: "no PEM certificates"},
 		{name: "busy observability port", args: append(base, "--observability-listen", api.Listener.Addr().String()), wantCode: exitFailure, wantStderr: "observability listener"},
 		{name: "starts and stops cleanly", args: base, wantCode: exitOK, wantStderr: `"msg":"agentk stopped"`},
+		{name: "receptive only", args: receptive, wantCode: exitOK, wantStderr: `"msg":"accepting kas's connections (receptive mode)"`},
+		{name: "receptive and dialling kas", args: append(slices.Clone(receptive), "--kas-address", "ws://127.0.0.1:1", "--token-file", token), wantCode: exitOK, wantStderr: `"kas_url":"ws://127.0.0.1:1/-/kubernetes-agent/"`},
+		{
+			name:       "GitLab's flag names",
+			args:       []string{"--api-listen-address", "127.0.0.1:0", "--receptive-allow-plaintext", "--api-jwt-file", publicKey, "--receptive-agent-id", "7", "--kubeconfig", kubeconfig, "--observability-listen", ""},
+			wantCode:   exitOK,
+			wantStderr: `"msg":"accepting kas's connections (receptive mode)"`,
+		},
+		{
+			name:       "receptive without authentication or TLS",
+			args:       []string{"--receptive-listen-address", "127.0.0.1:0", "--kubeconfig", kubeconfig},
+			wantCode:   exitUsage,
+			wantStderr: "receptive mode needs TLS",
+		},
+		{name: "receptive JWT without agent ID", args: []string{"--receptive-listen-address", ":0", "--receptive-allow-plaintext", "--receptive-jwt-public-key-file", publicKey}, wantCode: exitUsage, wantStderr: "needs --receptive-agent-id"},
+		{name: "mTLS without TLS", args: []string{"--receptive-listen-address", ":0", "--receptive-allow-plaintext", "--receptive-client-ca-file", notPEM}, wantCode: exitUsage, wantStderr: "needs TLS on the listener"},
+		{name: "receptive flags without receptive mode", args: append(slices.Clone(base), "--receptive-cert-file", notPEM), wantCode: exitUsage, wantStderr: "only apply in receptive mode"},
+		{name: "bad receptive public key", args: append(slices.Clone(receptive), "--receptive-jwt-public-key-file", notPEM), wantCode: exitFailure, wantStderr: "neither PEM nor base64"},
+		{name: "bad receptive agent ID from the environment", args: receptive, env: map[string]string{"AGENTK_RECEPTIVE_AGENT_ID": "seven"}, wantCode: exitUsage, wantStderr: "AGENTK_RECEPTIVE_AGENT_ID"},
+		{
+			name:       "receptive from the environment",
+			args:       []string{"--kubeconfig", kubeconfig, "--observability-listen", ""},
+			env:        map[string]string{"AGENTK_RECEPTIVE_LISTEN_ADDRESS": "127.0.0.1:0", "AGENTK_RECEPTIVE_ALLOW_PLAINTEXT": "true", "AGENTK_RECEPTIVE_JWT_PUBLIC_KEY_FILE": publicKey, "AGENTK_RECEPTIVE_AGENT_ID": "7"},
+			wantCode:   exitOK,
+			wantStderr: `"msg":"accepting kas's connections (receptive mode)"`,
+		},
 		{
 			name:       "flags from the environment",
 			args:       []string{"--kubeconfig", kubeconfig, "--observability-listen", ""},

@@ -35,6 +35,19 @@ type child struct {
 	// signal, if set, stops a child that is not one of kasbench's roles
 	// (GitLab's agentk), which has no stdin to close.
 	signal os.Signal
+	// killed: the benchmark killed it on purpose (SIGKILL), so its exit
+	// status is no failure.
+	killed bool
+}
+
+// kill ends the child with SIGKILL, as a crash would.
+func (c *child) kill() error {
+	c.killed = true
+	if err := c.cmd.Process.Kill(); err != nil {
+		return fmt.Errorf("kill %s: %w", c.name, err)
+	}
+	<-c.waited
+	return nil
 }
 
 // startChild runs `<this binary> role args…` and waits until
@@ -204,7 +217,7 @@ func (c *child) stop() error {
 		<-c.waited
 		return fmt.Errorf("%s did not stop within 15s and was killed", c.name)
 	}
-	if c.waitErr != nil {
+	if c.waitErr != nil && !c.killed {
 		return fmt.Errorf("%s: %w%s", c.name, c.waitErr, c.logTail())
 	}
 	return nil

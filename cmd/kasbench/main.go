@@ -17,12 +17,17 @@
 // concurrencies, bulk throughput each way, kas's memory per idle connected
 // agent and while streaming, the Redis commands the two nodes send per
 // proxied request in steady state, the tunnel/chain, tunnel/direct and
-// hop/local ratios, and whether each of the performance targets is met:
+// hop/local ratios, and whether each of the performance targets is met.
+// The receptive test runs three more kas nodes dialling -receptive-agents
+// receptive agentk and prints the Redis commands per second their leases
+// cost, the time from an agent being listed to its first proxied request,
+// and the takeover time after SIGKILL of a node:
 //
 //	go run ./cmd/kasbench                   # table on stdout
 //	go run ./cmd/kasbench -json out.json    # and machine-readable results
 //	go run ./cmd/kasbench -duration 2s -tests small -paths chain,tunnel
 //	go run ./cmd/kasbench -profile /tmp/prof   # CPU and allocation profiles of every process
+//	go run ./cmd/kasbench -tests receptive -paths direct
 //
 // The load generator is a Go HTTP/1.1 client in this process, or wrk
 // (-loadgen wrk, one thread) when it is installed. With the Go client the
@@ -72,9 +77,13 @@ type settings struct {
 	Concurrency []int         `json:"concurrency"`
 	StreamBytes int64         `json:"stream_bytes"`
 	IdleAgents  int           `json:"idle_agents"`
-	Paths       []string      `json:"paths"`
-	Tests       []string      `json:"tests"`
-	LoadGen     string        `json:"load_generator"`
+	// ReceptiveAgents is how many receptive agentk the receptive test
+	// runs; ReceptiveLeasePeriod overrides kas's default lease period.
+	ReceptiveAgents      int           `json:"receptive_agents"`
+	ReceptiveLeasePeriod time.Duration `json:"receptive_lease_period,omitempty"`
+	Paths                []string      `json:"paths"`
+	Tests                []string      `json:"tests"`
+	LoadGen              string        `json:"load_generator"`
 	// GitLabAgentk is GitLab's agentk binary for the gitlab path.
 	GitLabAgentk string `json:"gitlab_agentk,omitempty"`
 	KASLogLevel  string `json:"kas_log_level"`
@@ -96,7 +105,7 @@ func (b *bench) path(name string) string { return filepath.Join(b.dir, name) }
 
 var (
 	allPaths = []string{pathDirect, pathChain, pathTunnel, pathGitLab, pathLocal, pathHop}
-	allTests = []string{testSmall, testStream, testRedis, testMemory}
+	allTests = []string{testSmall, testStream, testRedis, testMemory, testReceptive}
 )
 
 const (
@@ -107,10 +116,11 @@ const (
 	pathHop    = "hop"
 	pathGitLab = "gitlab"
 
-	testSmall  = "small"
-	testStream = "stream"
-	testRedis  = "redis"
-	testMemory = "memory"
+	testSmall     = "small"
+	testStream    = "stream"
+	testRedis     = "redis"
+	testMemory    = "memory"
+	testReceptive = "receptive"
 )
 
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
@@ -125,13 +135,15 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		concurrency = fs.String("concurrency", "1,16,64", "comma-separated `list` of concurrent clients for small GETs")
 		streamMiB   = fs.Int64("stream-mib", 256, "size of each streamed body in `MiB`")
 		paths       = fs.String("paths", strings.Join(allPaths, ","), "comma-separated `list` of paths to measure: direct, chain, tunnel, gitlab, local, hop")
-		tests       = fs.String("tests", strings.Join(allTests, ","), "comma-separated `list` of measurements: small, stream, redis (commands per request on the local and hop paths), memory")
+		tests       = fs.String("tests", strings.Join(allTests, ","), "comma-separated `list` of measurements: small, stream, redis (commands per request on the local and hop paths), memory, receptive (leases, first request, takeover)")
 		jsonFile    = fs.String("json", "", "also write the results as JSON to `file` (- for stdout, the table then goes to stderr)")
 		profileDir  = fs.String("profile", "", "write CPU and allocation profiles of every process to `dir` (for go tool pprof)")
 		keep        = fs.Bool("keep", false, "keep the working directory (configuration, logs) instead of removing it")
 	)
 	fs.DurationVar(&s.Duration, "duration", 5*time.Second, "measuring time per data point")
 	fs.IntVar(&s.IdleAgents, "agents", 1000, "idle agents connected for the memory measurement")
+	fs.IntVar(&s.ReceptiveAgents, "receptive-agents", 100, "receptive agents for the receptive measurement")
+	fs.DurationVar(&s.ReceptiveLeasePeriod, "receptive-lease-period", 0, "agent.receptive.lease_period for the receptive measurement (0: kas's default)")
 	fs.StringVar(&s.LoadGen, "loadgen", "go", "load generator for small GETs: go (built in) or wrk (one thread; must be installed)")
 	fs.StringVar(&s.GitLabAgentk, "gitlab-agentk", "", "GitLab's agentk `binary` for the gitlab path (default $"+gitlabAgentkEnv+", else "+defaultGitLabAgentk+")")
 	fs.StringVar(&s.KASLogLevel, "kas-log-level", "info", "kas's observability.logging.level (info, kas's default, writes an access log line per request)")
@@ -161,6 +173,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	s.StreamBytes = *streamMiB << 20
 	if s.IdleAgents <= 0 && slices.Contains(s.Tests, testMemory) {
 		errs = append(errs, errors.New("-agents must be positive to measure memory"))
+	}
+	if s.ReceptiveAgents <= 0 && slices.Contains(s.Tests, testReceptive) {
+		errs = append(errs, errors.New("-receptive-agents must be positive for the receptive measurement"))
 	}
 	switch s.LoadGen {
 	case "go":
@@ -434,6 +449,19 @@ func runBench(ctx context.Context, s settings, profileDir string, keep bool, pro
 			return res, err
 		}
 		res.Idle = &idle
+	}
+	if slices.Contains(s.Tests, testReceptive) {
+		r, err := measureReceptive(ctx, b, upstreamURL, step)
+		switch {
+		case errors.Is(err, errNoRedisServer):
+			res.ReceptiveSkipped = err.Error()
+			step("%s", res.ReceptiveSkipped)
+		case err != nil:
+			res.Receptive = r
+			return res, err
+		default:
+			res.Receptive = r
+		}
 	}
 	return res, nil
 }

@@ -37,7 +37,8 @@ func TestRunSmall(t *testing.T) {
 	var stdout, stderr bytes.Buffer
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	code := run(ctx, []string{"-duration", "300ms", "-concurrency", "1,4", "-stream-mib", "1", "-agents", "20", "-json", jsonFile}, &stdout, &stderr)
+	code := run(ctx, []string{"-duration", "300ms", "-concurrency", "1,4", "-stream-mib", "1", "-agents", "20",
+		"-receptive-agents", "6", "-receptive-lease-period", "2s", "-json", jsonFile}, &stdout, &stderr)
 	if code != 0 {
 		t.Fatalf("exit code %d\nstdout:\n%s\nstderr:\n%s", code, &stdout, &stderr)
 	}
@@ -50,9 +51,12 @@ func TestRunSmall(t *testing.T) {
 		t.Fatalf("results are not JSON: %v\n%s", err, b)
 	}
 	_, noRedis := exec.LookPath("redis-server")
-	paths, wantRatios, wantTargets := []string{pathDirect, pathChain, pathTunnel, pathLocal, pathHop}, 8, 12
+	paths, wantRatios, wantTargets := []string{pathDirect, pathChain, pathTunnel, pathLocal, pathHop}, 8, 13
 	if noRedis != nil {
 		paths, wantTargets = []string{pathDirect, pathChain, pathTunnel}, 7
+		if res.ReceptiveSkipped == "" {
+			t.Error("without redis-server the JSON must say the receptive measurement was skipped")
+		}
 		if res.MultiNodeSkipped == "" || !strings.Contains(stdout.String(), "redis-server is not on PATH") {
 			t.Errorf("without redis-server the table and JSON must say the multi-node paths were skipped: %q\n%s", res.MultiNodeSkipped, &stdout)
 		}
@@ -85,6 +89,10 @@ func TestRunSmall(t *testing.T) {
 	}
 	if noRedis == nil {
 		checkRedisResults(t, res.Redis)
+		if r := res.Receptive; r == nil || r.Agents != 6 || r.CommandsPerSecond <= 0 || len(r.ByNode) != 3 ||
+			len(r.FirstRequestMillis) != receptiveTrials || r.TakeoverSeconds <= 0 || r.TakeoverSeconds > r.LeasePeriodSeconds {
+			t.Errorf("receptive: %+v", r)
+		}
 	}
 	if len(res.Ratios) != wantRatios || len(res.Targets) != wantTargets {
 		t.Errorf("%d ratios and %d targets, want %d and %d: %+v %+v", len(res.Ratios), len(res.Targets), wantRatios, wantTargets, res.Ratios, res.Targets)

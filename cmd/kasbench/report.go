@@ -32,6 +32,10 @@ type results struct {
 	MultiNodeSkipped string `json:"multi_node_skipped,omitempty"`
 	// GitLabSkipped says why the gitlab path was not measured.
 	GitLabSkipped string `json:"gitlab_skipped,omitempty"`
+	// Receptive is the receptive agents' measurement; ReceptiveSkipped
+	// says why it did not run.
+	Receptive        *receptiveResult `json:"receptive,omitempty"`
+	ReceptiveSkipped string           `json:"receptive_skipped,omitempty"`
 
 	Ratios  []ratio       `json:"ratios,omitempty"`
 	Targets []targetCheck `json:"targets,omitempty"`
@@ -199,6 +203,13 @@ func (r *results) evaluate() {
 			Met: i.GoBytesPerAgent < maxBytesPerAgent && i.RSSBytesPerAgent < maxBytesPerAgent,
 		})
 	}
+	if x := r.Receptive; x != nil && x.TakeoverSeconds > 0 {
+		r.Targets = append(r.Targets, targetCheck{
+			Target:   fmt.Sprintf("receptive: kill -9 of a holder → its agents held again within one lease period (%gs)", x.LeasePeriodSeconds),
+			Measured: fmt.Sprintf("%.2fs", x.TakeoverSeconds),
+			Met:      x.TakeoverSeconds <= x.LeasePeriodSeconds,
+		})
+	}
 	for _, dir := range []string{download, upload} {
 		g, ok := r.StreamMemory[dir]
 		if !ok {
@@ -291,6 +302,23 @@ func (r *results) printTable(w io.Writer) {
 		fmt.Fprintf(w, "  per agent: heap %.1f KiB, heap+stacks %.1f KiB, RSS %.1f KiB\n",
 			i.HeapBytesPerAgent/1024, i.GoBytesPerAgent/1024, i.RSSBytesPerAgent/1024)
 	}
+	if x := r.Receptive; x != nil {
+		fmt.Fprintf(w, "\nReceptive agents: %d agentk, %d kas nodes sharing a redis-server, connections_per_agent %d, lease_period %gs\n",
+			x.Agents, x.Nodes, x.PerAgent, x.LeasePeriodSeconds)
+		if x.WindowSeconds > 0 {
+			fmt.Fprintf(w, "  Redis commands for leases: %.1f/s in all (%s) over %gs\n", x.CommandsPerSecond, fmtRates(x.ByNode), x.WindowSeconds)
+		}
+		if len(x.FirstRequestMillis) > 0 {
+			fmt.Fprintf(w, "  listed in the standalone file → first proxied request: %s ms (poll_period %gs, file rechecked every 1s)\n",
+				fmtMillis(x.FirstRequestMillis), x.PollPeriodSeconds)
+		}
+		if x.TakeoverSeconds > 0 {
+			fmt.Fprintf(w, "  kill -9 of the node holding %d agents → every agent back to its connections: %.2fs\n", x.KilledHeld, x.TakeoverSeconds)
+		}
+	}
+	if r.ReceptiveSkipped != "" {
+		fmt.Fprintln(w, "\n"+r.ReceptiveSkipped)
+	}
 	if len(r.Targets) > 0 {
 		fmt.Fprintln(w, "\nTargets")
 		for _, t := range r.Targets {
@@ -357,4 +385,20 @@ func (r *results) writeJSON(path string, stdout io.Writer) error {
 		return fmt.Errorf("write results: %w", err)
 	}
 	return nil
+}
+
+func fmtRates(byNode map[string]float64) string {
+	var parts []string
+	for _, name := range slices.Sorted(maps.Keys(byNode)) {
+		parts = append(parts, fmt.Sprintf("%s %.1f", name, byNode[name]))
+	}
+	return strings.Join(parts, ", ")
+}
+
+func fmtMillis(ms []float64) string {
+	parts := make([]string, len(ms))
+	for i, m := range ms {
+		parts[i] = fmt.Sprintf("%.0f", m)
+	}
+	return strings.Join(parts, ", ")
 }

@@ -51,6 +51,8 @@ var roles = map[string]role{
 	roleHop:      {roleHop, serveHop},
 	roleKAS:      {roleKAS, serveKAS},
 	roleAgents:   {roleAgents, serveAgents},
+
+	roleReceptiveAgents: {roleReceptiveAgents, serveReceptiveAgents},
 }
 
 const (

@@ -43,6 +43,11 @@ func wantDefaults() *Config {
 				AllowedAgentCacheErrorTTL: Duration(10 * time.Second),
 				AgentWaitTimeout:          Duration(10 * time.Second),
 			},
+			Receptive: Receptive{
+				PollPeriod:          Duration(60 * time.Second),
+				ConnectionsPerAgent: 2,
+				LeasePeriod:         Duration(20 * time.Second),
+			},
 		},
 		Observability: Observability{
 			Listen:               listen("127.0.0.1:8151"),

@@ -59,6 +59,25 @@ type Agent struct {
 	// the API server as X-Forwarded-For and limits unauthenticated agent
 	// connections by. Empty: the connection's own address, no header believed.
 	TrustedProxies []string `yaml:"trusted_proxies,omitempty"`
+	// Receptive configures receptive agents, which kas dials.
+	Receptive Receptive `yaml:"receptive"`
+}
+
+// Receptive configures receptive agents: agents in clusters that cannot
+// reach kas but that kas can reach, so kas dials them.
+type Receptive struct {
+	// Enabled is GitLab's admin setting "Enable receptive mode": off, kas
+	// never dials an agent.
+	Enabled bool `yaml:"enabled,omitempty"`
+	// PollPeriod is how often kas asks GitLab (or reads the standalone
+	// file) for the list of receptive agents; ±10% jitter.
+	PollPeriod Duration `yaml:"poll_period,omitempty"`
+	// ConnectionsPerAgent is how many nodes hold a connection to each
+	// receptive agent (capped at the number of live nodes).
+	ConnectionsPerAgent int `yaml:"connections_per_agent,omitempty"`
+	// LeasePeriod bounds how long a dead node's agents stay without it:
+	// another node takes its place within one lease period.
+	LeasePeriod Duration `yaml:"lease_period,omitempty"`
 }
 
 // Listen is one listening socket.

@@ -14,7 +14,12 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 )
+
+// minLeasePeriod is the shortest agent.receptive.lease_period: a quarter of
+// it must leave time for a round trip to Redis.
+const minLeasePeriod = time.Second
 
 // validator checks a decoded Config, adding one problem per thing wrong.
 type validator struct {
@@ -93,6 +98,15 @@ func (v validator) agent(cfg *Config) {
 	if a.RedisConnInfoRefresh > 0 && a.RedisConnInfoTTL > 0 && a.RedisConnInfoRefresh >= a.RedisConnInfoTTL {
 		v.add("agent.redis_conn_info_refresh", "must be shorter than agent.redis_conn_info_ttl (%s), or records expire before they are refreshed; got %s",
 			a.RedisConnInfoTTL, a.RedisConnInfoRefresh)
+	}
+
+	r := a.Receptive
+	v.positive("agent.receptive.poll_period", r.PollPeriod)
+	if r.ConnectionsPerAgent < 1 {
+		v.add("agent.receptive.connections_per_agent", "must be at least 1, got %d", r.ConnectionsPerAgent)
+	}
+	if r.LeasePeriod < Duration(minLeasePeriod) {
+		v.add("agent.receptive.lease_period", "must be at least %s (nodes renew their leases four times per period), got %s", minLeasePeriod, r.LeasePeriod)
 	}
 
 	k := a.KubernetesAPI

@@ -57,6 +57,16 @@ func TestValidationProblems(t *testing.T) {
 		{"two unix sockets on one path", "api:\n  listen:\n    network: unix\n    address: /run/kas.sock\nprivate_api:\n  listen:\n    network: unix\n    address: /run/kas.sock\n", nil,
 			"private_api.listen.address", "/run/kas.sock is already used by api.listen.address"},
 
+		// Receptive agents.
+		{"receptive poll period zero", "agent:\n  receptive:\n    poll_period: 0s\n", nil,
+			"agent.receptive.poll_period", "must be more than 0"},
+		{"no connection per receptive agent", "agent:\n  receptive:\n    connections_per_agent: 0\n", nil,
+			"agent.receptive.connections_per_agent", "must be at least 1, got 0"},
+		{"lease period too short", "agent:\n  receptive:\n    lease_period: 500ms\n", nil,
+			"agent.receptive.lease_period", "must be at least 1s"},
+		{"receptive key misspelt", "agent:\n  receptive:\n    enable: true\n", nil,
+			"agent.receptive.enable", "did you mean agent.receptive.enabled?"},
+
 		// GitLab.
 		{"gitlab address without scheme", "gitlab:\n  address: gitlab.internal:8080\n  authentication_secret_file: secret\n", nil,
 			"gitlab.address", `want an http:// or https:// URL such as http://gitlab.internal:8080, got "gitlab.internal:8080"`},

@@ -16,6 +16,8 @@ import (
 	"strings"
 
 	"gopkg.in/yaml.v3"
+
+	"github.com/kasproject/kas/protocol"
 )
 
 // fileData is the standalone file as written; see the package documentation.
@@ -45,6 +47,19 @@ type agentEntry struct {
 	Name        string `yaml:"name"`
 	Project     string `yaml:"project"`
 	TokenSHA256 string `yaml:"token_sha256"`
+	// Receptive makes it a receptive agent, which kas dials.
+	Receptive *receptiveEntry `yaml:"receptive"`
+}
+
+// receptiveEntry is where a receptive agent listens and how kas
+// authenticates to it: GitLab's URL configuration, with files.
+type receptiveEntry struct {
+	URL                   string `yaml:"url"`
+	CACertificateFile     string `yaml:"ca_certificate_file"`
+	TLSHost               string `yaml:"tls_host"`
+	JWTPrivateKeyFile     string `yaml:"jwt_private_key_file"`
+	ClientCertificateFile string `yaml:"client_certificate_file"`
+	ClientKeyFile         string `yaml:"client_key_file"`
 }
 
 type userEntry struct {
@@ -128,6 +143,8 @@ type agent struct {
 	id      int64
 	name    string
 	project *project
+	// receptive is set for a receptive agent, with absolute file paths.
+	receptive *receptiveEntry
 }
 
 // configFile is where GitLab keeps the agent's configuration in its
@@ -401,18 +418,78 @@ func (l *loader) loadAgents(entries []agentEntry) {
 		if pr != nil && ok && !firstUse(l, names, strings.ToLower(pr.path)+"\x00"+e.Name, p.with("name"), "agent name "+e.Name+" in project "+pr.path) {
 			ok = false
 		}
-		hash, okHash := l.hash(p.with("token_sha256"), e.TokenSHA256, "agent token")
-		if okHash && !firstUse(l, tokens, hash, p.with("token_sha256"), "agent token") {
-			okHash = false
+		// A receptive agent needs no token: kas dials it and knows it by
+		// its id. It may have one, for dialling kas as well.
+		var hash [sha256.Size]byte
+		okHash, hasToken := true, e.TokenSHA256 != "" || e.Receptive == nil
+		if hasToken {
+			hash, okHash = l.hash(p.with("token_sha256"), e.TokenSHA256, "agent token")
+			if okHash && !firstUse(l, tokens, hash, p.with("token_sha256"), "agent token") {
+				okHash = false
+			}
+		}
+		var receptive *receptiveEntry
+		if e.Receptive != nil {
+			receptive = l.receptive(p.with("receptive"), *e.Receptive)
+			ok = ok && receptive != nil
 		}
 		if !ok || pr == nil || !okHash {
 			continue
 		}
-		a := &agent{id: e.ID, name: e.Name, project: pr}
+		a := &agent{id: e.ID, name: e.Name, project: pr, receptive: receptive}
 		l.st.agents = append(l.st.agents, a)
 		l.st.agentsByID[a.id] = a
-		l.st.agentsByToken[hash] = a
+		if hasToken {
+			l.st.agentsByToken[hash] = a
+		}
 	}
+}
+
+// receptive checks a receptive agent's URL configuration, reading its
+// files, and returns it with absolute paths; nil after a problem.
+func (l *loader) receptive(at path, e receptiveEntry) *receptiveEntry {
+	ok := true
+	var secure bool
+	if e.URL == "" {
+		l.ps.add(at.with("url"), "required: where the agent listens, e.g. grpcs://agentk.example.com:8182 or wss://agentk.example.com:8182/")
+		ok = false
+	} else if _, tlsURL, err := protocol.ReceptiveURL(e.URL); err != nil {
+		l.ps.add(at.with("url"), "%v", err)
+		ok = false
+	} else {
+		secure = tlsURL
+	}
+	abs := func(f string) string {
+		if f == "" || filepath.IsAbs(f) {
+			return f
+		}
+		return filepath.Join(l.dir, f)
+	}
+	e.CACertificateFile, e.JWTPrivateKeyFile = abs(e.CACertificateFile), abs(e.JWTPrivateKeyFile)
+	e.ClientCertificateFile, e.ClientKeyFile = abs(e.ClientCertificateFile), abs(e.ClientKeyFile)
+	mtls := e.ClientCertificateFile != "" || e.ClientKeyFile != ""
+	switch {
+	case e.JWTPrivateKeyFile == "" && !mtls:
+		l.ps.add(at, "how kas authenticates to the agent is missing: jwt_private_key_file (the Ed25519 key whose public half agentk's --receptive-jwt-public-key-file holds), or client_certificate_file and client_key_file (mTLS)")
+		ok = false
+	case e.JWTPrivateKeyFile != "" && mtls:
+		l.ps.add(at, "jwt_private_key_file and client_certificate_file are alternatives, as in GitLab: set one")
+		ok = false
+	case mtls && (e.ClientCertificateFile == "" || e.ClientKeyFile == ""):
+		l.ps.add(at, "client_certificate_file and client_key_file go together")
+		ok = false
+	case mtls && e.URL != "" && !secure:
+		l.ps.add(at.with("url"), "mTLS needs TLS: use grpcs:// or wss://")
+		ok = false
+	}
+	if !ok {
+		return nil
+	}
+	if _, err := readReceptive(e); err != nil {
+		l.ps.add(at, "%v", err)
+		return nil
+	}
+	return &e
 }
 
 func (l *loader) loadUsers(entries []userEntry) {

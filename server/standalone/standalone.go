@@ -28,7 +28,14 @@
 //	  - id: 1
 //	    name: prod               # GitLab agent name: lowercase letters, digits, '-'
 //	    project: acme/infra      # configuration project
-//	    token_sha256: <hex>      # the agent token (glagent-…)
+//	    token_sha256: <hex>      # the agent token (glagent-…); optional for a receptive agent
+//	    receptive:               # optional: kas dials this agent (GitLab's URL configuration)
+//	      url: grpcs://agentk.example.com:8182   # or grpc://, wss://, ws://
+//	      ca_certificate_file: agentk-ca.pem     # optional: verifies agentk's certificate
+//	      tls_host: agentk.example.com           # optional: the name checked in it
+//	      jwt_private_key_file: agent-1.key      # Ed25519 (PEM PKCS#8, or base64 seed), or:
+//	      client_certificate_file: kas.pem       # mTLS, with
+//	      client_key_file: kas-key.pem
 //	users:
 //	  - id: 1001
 //	    username: alice
@@ -76,7 +83,10 @@
 //
 // # Decisions, as GitLab makes them
 //
-// GetAgentInfo finds the agent by its token (401 when none matches).
+// GetAgentInfo finds the agent by its token (401 when none matches);
+// AgentInfoByID by its id, for receptive agents (404 when none matches).
+// GetReceptiveAgents lists the receptive agents in the shape of GitLab's
+// receptive agents API, reading their key and certificate files at each call.
 //
 // AuthorizeProxyUser first resolves the user, then the agent, as Rails does:
 // a personal access token must exist (401) and carry the k8s_proxy scope

@@ -198,7 +198,7 @@ func (e *Endpoint) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		log.Info("Agent WebSocket upgrade failed", "agent_id", info.AgentID, "error", err.Error())
 		return // the upgrader has answered the agent
 	}
-	e.serveTunnel(log, ws, token, info, r.Header)
+	_ = e.serveTunnel(context.Background(), log, ws, token, info, r.Header, false)
 }
 
 // serveGitLabAgentk upgrades GitLab agentk's WebSocket and hands the byte
@@ -293,14 +293,49 @@ func (e *Endpoint) begin() bool {
 	return true
 }
 
-func (e *Endpoint) serveTunnel(log *slog.Logger, ws *websocket.Conn, token string, info *gitlab.AgentInfo, h http.Header) {
+// ReceptiveConn is an agent connection kas opened itself (a receptive agent): the
+// WebSocket after the handshake, and what kas knows about the agent.
+type ReceptiveConn struct {
+	WS *websocket.Conn
+	// Agent identifies the agent: from its list of receptive agents and
+	// GitLab (or the standalone file).
+	Agent gitlab.AgentInfo
+	// Description holds the description headers agentk answered the
+	// handshake with (protocol.HeaderAgentVersion, …).
+	Description http.Header
+}
+
+// ErrClosing is returned by ServeReceptive once the endpoint is shutting down.
+var ErrClosing = errors.New("kas is shutting down")
+
+// ServeReceptive runs a connection kas made to a receptive agent as a tunnel, exactly
+// like one an agent made: registered, configured (OnConnect), pinged, closed
+// at max_connection_age and drained on shutdown. It returns when the tunnel
+// has closed: because the agent went away (an error), because ctx was
+// cancelled or the tunnel reached its maximum age (closed gracefully, nil),
+// or because the endpoint is shutting down (ErrClosing, before serving).
+func (e *Endpoint) ServeReceptive(ctx context.Context, log *slog.Logger, c ReceptiveConn) error {
+	if !e.begin() {
+		_ = c.WS.Close()
+		return ErrClosing
+	}
+	defer e.handlers.Done()
+	// A receptive agent authenticated kas, not the other way round: there
+	// is no agent token to re-check while it is connected.
+	return e.serveTunnel(ctx, log, c.WS, "", &c.Agent, c.Description, true)
+}
+
+// serveTunnel serves ws as a tunnel (see serve) until it closes, reaches
+// its maximum age, its token is refused or ctx is cancelled; receptive says
+// kas dialled the agent.
+func (e *Endpoint) serveTunnel(ctx context.Context, log *slog.Logger, ws *websocket.Conn, token string, info *gitlab.AgentInfo, h http.Header, receptive bool) error {
 	conn := newNotifyConn(protocol.NewConn(ws))
 	cc, err := e.transport.NewClientConn(conn)
 	if err != nil {
 		_ = conn.Close()
 		e.attempts.WithLabelValues("http2_failed").Inc()
 		log.Error("Start HTTP/2 over agent tunnel", "agent_id", info.AgentID, "error", err.Error())
-		return
+		return fmt.Errorf("start HTTP/2 over the tunnel: %w", err)
 	}
 	t := &Tunnel{
 		cc:     cc,
@@ -317,9 +352,10 @@ func (e *Endpoint) serveTunnel(log *slog.Logger, ws *websocket.Conn, token strin
 			KubernetesVersion: headerValue(h, protocol.HeaderKubernetesVersion),
 			ConnectedAt:       time.Now().UTC(),
 			NodeURLs:          e.opts.NodeURLs,
+			Receptive:         receptive,
 		},
 	}
-	e.serve(log, t, token, *info)
+	return e.serve(ctx, log, t, token, *info)
 }
 
 // drain closes t gracefully within the grace period.

@@ -2,6 +2,8 @@ package tunnel
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"log/slog"
 	"time"
 
@@ -36,27 +38,31 @@ func (e *Endpoint) Serve(log *slog.Logger, t Managed, token string, agent gitlab
 		return
 	}
 	defer e.handlers.Done()
-	e.serve(log, t, token, agent)
+	_ = e.serve(context.Background(), log, t, token, agent)
 }
 
-// serve is Serve for a caller that has already called begin.
-func (e *Endpoint) serve(log *slog.Logger, t Managed, token string, agent gitlab.AgentInfo) {
+// serve is Serve for a caller that has already called begin, and that may
+// end the tunnel gracefully by cancelling ctx (a receptive agent removed
+// from the list, or a lease lost). It returns why the tunnel ended: an
+// error if the agent went away or could not be registered, nil if kas
+// closed it (ctx, maximum age, revoked token), ErrClosing if the endpoint
+// is shutting down.
+func (e *Endpoint) serve(ctx context.Context, log *slog.Logger, t Managed, token string, agent gitlab.AgentInfo) error {
 	info := t.Info()
 	log = log.With("agent_id", info.AgentID, "connection_id", info.ConnectionID)
 	if !e.track(t) {
 		_ = t.Close()
-		return
+		return ErrClosing
 	}
 	defer e.untrack(t)
-	ctx := context.Background()
-	if err := e.opts.Registry.Register(ctx, t); err != nil {
+	if err := e.opts.Registry.Register(context.Background(), t); err != nil {
 		log.Error("Register agent tunnel", "error", err.Error())
 		_ = t.Close()
-		return
+		return fmt.Errorf("register the tunnel: %w", err)
 	}
 	e.attempts.WithLabelValues("connected").Inc()
 	e.connected.Inc()
-	log.Info("Agent connected", "agent_version", info.AgentVersion, "pod", info.PodNamespace+"/"+info.PodName, "flavor", flavorName(info.Flavor))
+	log.Info("Agent connected", "agent_version", info.AgentVersion, "pod", info.PodNamespace+"/"+info.PodName, "flavor", flavorName(info.Flavor), "receptive", info.Receptive)
 	if e.opts.OnConnect != nil {
 		e.opts.OnConnect(agent, t)
 	}
@@ -70,9 +76,13 @@ func (e *Endpoint) serve(log *slog.Logger, t Managed, token string, agent gitlab
 	}
 	maxAge := time.NewTimer(jitter(e.opts.MaxConnectionAge))
 	defer maxAge.Stop()
+	var ended error
 	select {
 	case <-t.Done():
 		log.Info("Agent disconnected")
+		ended = errors.New("the tunnel closed: the agent went away or stopped answering pings")
+	case <-ctx.Done():
+		log.Info("Closing the agent's connection gracefully", "reason", context.Cause(ctx).Error())
 	case <-maxAge.C:
 		log.Info("Agent connection reached agent.listen.max_connection_age; closing it gracefully so the agent reconnects")
 	case <-revoked:
@@ -80,7 +90,7 @@ func (e *Endpoint) serve(log *slog.Logger, t Managed, token string, agent gitlab
 			"error", watch.Err().Error())
 	}
 	// Unregister first so no new request picks this tunnel while it drains.
-	if err := e.opts.Registry.Unregister(ctx, t); err != nil {
+	if err := e.opts.Registry.Unregister(context.Background(), t); err != nil {
 		log.Error("Unregister agent tunnel", "error", err.Error())
 	}
 	if e.opts.OnDisconnect != nil {
@@ -88,6 +98,7 @@ func (e *Endpoint) serve(log *slog.Logger, t Managed, token string, agent gitlab
 	}
 	e.connected.Dec()
 	e.drain(t)
+	return ended
 }
 
 // flavorName names a TunnelInfo.Flavor for logs.

@@ -15,6 +15,8 @@
 //	GET  /api/v4/job/allowed_agents                 (Job-Token: <job token>)
 //	POST /api/v4/internal/kubernetes/agent_configuration  → 204, recorded
 //	POST /api/v4/internal/kubernetes/usage_metrics        → 204, recorded
+//	GET  /api/v4/internal/kubernetes/receptive_agents  → {"agents": [...]} as set
+//	     with SetReceptiveAgents; 404 until then, like a GitLab without the feature
 //	GET  /api/v4/projects/:id/repository/files/:file_path/raw?ref=<ref>
 //	     (the public repository files API: files set with SetRepositoryFile,
 //	     PRIVATE-TOKEN checked when SetRepositoryToken was called)
@@ -78,6 +80,8 @@ type Server struct {
 	// files are repository files by project ID, ref and path.
 	files     map[int64]map[string]map[string][]byte
 	repoToken string // required PRIVATE-TOKEN, "" for none
+	// receptive is the receptive agents list; nil until set (404).
+	receptive []gitlab.ReceptiveAgent
 }
 
 // Request is one request the server received, as it arrived.
@@ -151,6 +155,7 @@ func New(t testing.TB, secret []byte, backend gitlab.API, opts ...Option) *Serve
 	mux.HandleFunc("GET "+gitlab.PathAllowedAgents, s.allowedAgents)
 	mux.HandleFunc("POST "+gitlab.PathAgentConfiguration, s.agentConfiguration)
 	mux.HandleFunc("POST "+gitlab.PathUsageMetrics, s.usageMetrics)
+	mux.HandleFunc("GET "+gitlab.PathReceptiveAgents, s.receptiveAgents)
 	mux.HandleFunc("GET /api/v4/projects/{id}/repository/files/{file_path}/raw", s.repositoryFile)
 	mux.HandleFunc("GET /api/v4/projects/{id}/repository/tree", s.repositoryTree)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
@@ -236,6 +241,26 @@ func (s *Server) SetRepositoryFile(projectID int64, ref, filePath string, conten
 		return
 	}
 	files[filePath] = bytes.Clone(content)
+}
+
+// SetReceptiveAgents sets the answer of gitlab.PathReceptiveAgents, which
+// answers 404 until the first call, as a GitLab without receptive agents
+// does. A nil or empty list lists no agent.
+func (s *Server) SetReceptiveAgents(agents []gitlab.ReceptiveAgent) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.receptive = append([]gitlab.ReceptiveAgent{}, agents...)
+}
+
+func (s *Server) receptiveAgents(w http.ResponseWriter, _ *http.Request) {
+	s.mu.Lock()
+	agents := s.receptive
+	s.mu.Unlock()
+	if agents == nil {
+		writeError(w, http.StatusNotFound, "")
+		return
+	}
+	writeJSON(w, http.StatusOK, gitlab.ReceptiveAgents{Agents: agents})
 }
 
 // SetRepositoryToken makes the repository files API require PRIVATE-TOKEN:
